@@ -1,0 +1,1 @@
+"""Graph rewrite passes over captured programs."""

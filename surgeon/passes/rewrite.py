@@ -1,0 +1,232 @@
+"""The rewrite pass: replace each site's SDPA node by the ``surgeon::`` op its policy names.
+
+The pass works on the unlifted fx graph of the captured program, wires block-mask edges
+between anchor and consumer sites, removes the mask-building code that became dead, and
+re-exports the result with ``torch.export`` (same dynamic axes).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.export import ExportedProgram
+
+from surgeon.artifacts import Artifact, atomic_write_bytes, canonical_json
+from surgeon.capture import SDPA, Captured, Site, _sdpa_args, export_module, sdpa_nodes
+from surgeon.errors import ArtifactMismatch, BadInput
+from surgeon.passes.policy import Policy, SiteChoice
+from surgeon.variants.base import encode_config
+from surgeon.variants.ops import op_for, register_all
+from surgeon.variants.registry import VARIANTS, get_variant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewriteResult:
+    program: ExportedProgram
+    policy: Policy
+    counts: dict[str, int]
+    seconds: float
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+def site_config(site: Site, choice: SiteChoice) -> str:
+    """The op's ``config`` string for ``site`` under ``choice`` (parameters validated)."""
+    var = get_variant(choice.variant)
+    params = var.params_from(choice.params)
+    check = getattr(var, "validate_for_site", None)
+    if check is not None:
+        check(params, heads=site.heads, kv_heads=site.kv_heads, causal=site.causal, site=site.name)
+    mods = []
+    for m in choice.modulators:
+        mv = get_variant(m.variant)
+        if mv.family != "modulated":
+            raise BadInput(f"'{m.variant}' is not a modulated variant and cannot be composed onto {site.name}",
+                           "list only modulated variants under modulators")
+        mp = mv.params_from(m.params)
+        mcheck = getattr(mv, "validate_for_site", None)
+        if mcheck is not None:
+            mcheck(mp, heads=site.heads, kv_heads=site.kv_heads, causal=site.causal, site=site.name)
+        mods.append({"variant": m.variant, "params": mp.to_dict()})
+    static: dict[str, Any] = {"kv_heads": site.kv_heads, "site": site.name, "layer": site.layer}
+    if mods:
+        static["modulators"] = mods
+    return encode_config(choice.variant, params, static)
+
+
+def validate_policy(policy: Policy, sites: list[Site]) -> None:
+    names = [s.name for s in sites]
+    unknown = sorted(set(policy.sites) - set(names))
+    if unknown:
+        raise ArtifactMismatch(f"the policy names site(s) this model does not have: {unknown[:3]}",
+                               "make the policy for this model")
+    order = {s.name: i for i, s in enumerate(sites)}
+    for name, ch in policy.sites.items():
+        if ch.variant not in VARIANTS:
+            raise BadInput(f"site {name}: unknown variant '{ch.variant}'", f"valid variants: {', '.join(sorted(VARIANTS))}")
+        var = get_variant(ch.variant)
+        if var.consumes_block_mask:
+            src = ch.block_mask_from
+            if src is None or src not in order:
+                raise BadInput(f"site {name} runs '{ch.variant}' but names no valid anchor (block_mask_from={src!r})",
+                               "set block_mask_from to an earlier site that produces a block mask")
+            if order[src] >= order[name]:
+                raise BadInput(f"site {name} reads the block mask of {src}, which runs after it",
+                               "choose an earlier anchor site")
+            anchor = policy.sites.get(src)
+            if anchor is None or not get_variant(anchor.variant).produces_block_mask:
+                raise BadInput(f"anchor site {src} does not produce a block mask",
+                               "give the anchor a variant that produces one (e.g. block_topk)")
+
+
+def rewrite(cap: Captured, policy: Policy) -> RewriteResult:
+    """Apply ``policy`` to the captured program; returns the re-exported program."""
+    t0 = time.perf_counter()
+    register_all()
+    validate_policy(policy, cap.sites)
+    gm = cap.program.module()
+    graph = gm.graph
+    nodes = sdpa_nodes(graph)
+    if len(nodes) != len(cap.sites):
+        raise BadInput(f"graph has {len(nodes)} attention nodes but the capture lists {len(cap.sites)} sites",
+                       "capture the model again")
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    kp_node = None
+    am = placeholders.get("attention_mask")
+    if am is not None:
+        last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last_ph):
+            kp_node = graph.call_function(torch.ops.aten.ne.Scalar, (am, 0))
+    produced: dict[str, torch.fx.Node] = {}
+    counts: dict[str, int] = {}
+    configs: dict[str, str] = {}
+    for node, site in zip(nodes, cap.sites):
+        choice = policy.sites.get(site.name, SiteChoice(variant="dense", reason="default"))
+        var = get_variant(choice.variant)
+        if var.causal_only and not site.causal:
+            raise BadInput(f"variant '{choice.variant}' needs a causal site but {site.name} is not causal",
+                           "choose a variant that supports non-causal attention")
+        cfg = site_config(site, choice)
+        configs[site.name] = cfg
+        a = _sdpa_args(node)
+        if site.mask_kind == "explicit":
+            kp, mask = None, a["attn_mask"]
+        else:
+            mask = None
+            kp = kp_node if ("padding" in site.mask_kind and kp_node is not None) else None
+        bm = produced[choice.block_mask_from] if var.consumes_block_mask else None
+        with graph.inserting_before(node):
+            new = graph.call_function(op_for(choice.variant),
+                                      (a["query"], a["key"], a["value"], kp, mask, bool(site.causal),
+                                       float(site.scale), cfg, bm))
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            out = new
+            if var.produces_block_mask:
+                out = graph.call_function(operator.getitem, (new, 0))
+                produced[site.name] = graph.call_function(operator.getitem, (new, 1))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        counts[choice.variant] = counts.get(choice.variant, 0) + 1
+    graph.eliminate_dead_code()
+    gm.recompile()
+    with torch.no_grad():
+        ep = export_module(gm, cap.example, cap.dynamic, cap.model.inputs)
+    return RewriteResult(program=ep, policy=policy, counts=counts, seconds=time.perf_counter() - t0, configs=configs)
+
+
+# --------------------------------------------------------------------------- the rewritten folder
+
+class RewriteManifest(Artifact):
+    """DIR/rewrite.json: what DIR holds and what it was made from."""
+
+    KIND = "rewrite"
+    VERSION = 1
+    kind: str = "rewrite"
+    schema_version: int = 1
+    model: str
+    model_kind: str
+    inputs: list[str]
+    dynamic: dict[str, dict[str, list[Any]]]
+    sites: list[dict[str, Any]]
+    counts: dict[str, int]
+    max_positions: int
+    files: dict[str, str] = {}
+
+
+def save_rewritten(out_dir: Path, cap: Captured, res: RewriteResult, *, force: bool = False,
+                   extra: Optional[dict[str, bytes]] = None) -> Path:
+    """Write DIR/program.pt2, policy.json, rewrite.json (+ tokenizer/) atomically as a folder."""
+    import shutil
+    import tempfile
+
+    from surgeon.artifacts import file_sha256
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise BadInput(f"{out_dir} already exists", "pass --force to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        torch.export.save(res.program, str(tmp / "program.pt2"))
+        res.policy.save(tmp / "policy.json", force=True)
+        if cap.model.tokenizer is not None:
+            cap.model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        for name, data in (extra or {}).items():
+            atomic_write_bytes(tmp / name, data, force=True)
+        files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        man = RewriteManifest(model_fingerprint=cap.model.fingerprint(), model=cap.model.name,
+                              model_kind=cap.model.kind, inputs=cap.model.inputs,
+                              dynamic={k: {str(ax): list(v) for ax, v in d.items()} for k, d in cap.dynamic.items()},
+                              sites=[s.to_dict() for s in cap.sites], counts=res.counts,
+                              max_positions=cap.model.max_positions, files=files)
+        man.save(tmp / "rewrite.json", force=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@dataclass
+class Rewritten:
+    """A loaded rewritten folder."""
+
+    path: Path
+    manifest: RewriteManifest
+    policy: Policy
+    program: ExportedProgram
+    tokenizer: Any = None
+
+    def module(self) -> torch.nn.Module:
+        return self.program.module()
+
+
+def load_rewritten(path: Path | str) -> Rewritten:
+    """Load a folder written by :func:`save_rewritten` (registers the surgeon ops first)."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "rewrite.json").is_file() or not (path / "program.pt2").is_file():
+        raise BadInput(f"{path} is not a surgeon rewrite (no rewrite.json/program.pt2)",
+                       "give a folder written by `surgeon rewrite`")
+    man = RewriteManifest.load(path / "rewrite.json")
+    policy = Policy.load(path / "policy.json", model_fingerprint=man.model_fingerprint)
+    register_all()
+    try:
+        ep = torch.export.load(str(path / "program.pt2"))
+    except Exception as e:
+        raise BadInput(f"{path / 'program.pt2'} could not be loaded ({type(e).__name__})",
+                       "re-run `surgeon rewrite` to regenerate the folder") from e
+    tok = None
+    if (path / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    return Rewritten(path=path, manifest=man, policy=policy, program=ep, tokenizer=tok)
