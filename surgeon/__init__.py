@@ -1,2 +1,27 @@
-"""surgeon: a model-surgery compiler for attention (see README)."""
+"""surgeon: a model-surgery compiler for attention.
+
+The public API (``surgeon.load``, ``surgeon.capture``, ``surgeon.inspect``, ``surgeon.variants``,
+``surgeon.profile``, ``surgeon.plan``, ``surgeon.rewrite``, ``surgeon.evaluate``, ``surgeon.export``,
+``surgeon.build``, ``surgeon.bench``) is imported lazily so ``import surgeon`` does no work.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_API = {"load", "capture", "inspect", "variants", "profile", "plan", "rewrite", "evaluate", "export", "build", "bench",
+        "load_rewritten"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        api = importlib.import_module("surgeon.api")
+        if hasattr(api, name):
+            return getattr(api, name)
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_API))

@@ -132,11 +132,13 @@ def swap_mha(module: nn.Module) -> int:
 
 def dynamic_spec(lm: LoadedModel, max_len: Optional[int] = None) -> dict[str, dict[int, tuple[str, int, int]]]:
     spec: dict[str, dict[int, tuple[str, int, int]]] = {}
-    for name in lm.inputs:
+    for i, name in enumerate(lm.inputs):
         axes = {0: ("batch", 1, 256)}
-        if lm.seq_dynamic:
-            hi = max_len or lm.max_positions or 8192
-            axes[1] = ("seq", 16, int(hi))
+        hi = int(max_len or lm.max_positions or 8192)
+        if lm.is_text:
+            axes[1] = ("seq", 16, hi)
+        elif i in lm.seq_axes:
+            axes[lm.seq_axes[i]] = ("seq", 16, hi)
         spec[name] = axes
     return spec
 
@@ -153,12 +155,33 @@ def _dims(spec: dict[str, dict[int, tuple[str, int, int]]]) -> dict[str, dict[in
     return out
 
 
+import contextlib
+
+
+@contextlib.contextmanager
+def quiet_torch_logs():
+    """torch.export logs failed guards (with whole graphs) as warnings; keep them out of stderr."""
+    names = ["torch", "torch.fx.experimental.symbolic_shapes", "torch.export", "torch._dynamo"]
+    old = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for lg, _ in old:
+        lg.setLevel(logging.ERROR)
+    import io
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, lvl in old:
+            lg.setLevel(lvl)
+
+
 def export_module(module: nn.Module, example: tuple, spec: dict[str, dict[int, tuple[str, int, int]]],
                   names: list[str]) -> ExportedProgram:
     """``torch.export.export(strict=False)`` with the dynamic axes of ``spec``."""
     dims = _dims(spec)
     dyn = tuple(dims.get(n) for n in names)
-    return torch.export.export(module, example, dynamic_shapes=dyn, strict=False)
+    with quiet_torch_logs():
+        return torch.export.export(module, example, dynamic_shapes=dyn, strict=False)
 
 
 def capture(lm: LoadedModel, *, example_len: int = 32, dtype: Optional[torch.dtype] = None) -> Captured:
@@ -169,8 +192,8 @@ def capture(lm: LoadedModel, *, example_len: int = 32, dtype: Optional[torch.dty
     t0 = time.perf_counter()
     module = lm.module
     swapped = swap_mha(module)
-    if dtype is not None:
-        module = module.to(dtype)
+    if dtype is not None and dtype != next(iter(module.parameters()), torch.empty(0)).dtype:
+        module = copy.deepcopy(module).to(dtype)
     example = lm.example_inputs(example_len, batch=2)
     if dtype is not None:
         example = tuple(x.to(dtype) if x.is_floating_point() else x for x in example)
@@ -190,12 +213,38 @@ def capture(lm: LoadedModel, *, example_len: int = 32, dtype: Optional[torch.dty
             raise UnsupportedModel(
                 f"{lm.name} could not be captured ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                 "make the model traceable by torch.export (no data-dependent Python control flow)") from e2
-    sites = find_sites(ep, lm, example, swapped=swapped)
+    try:
+        sites = find_sites(ep, lm, example, swapped=swapped)
+        _check_against_eager(ep, module, lm, example_len, dtype)
+    except UnsupportedModel:
+        raise
+    except Exception as e:
+        raise UnsupportedModel(
+            f"{lm.name} could not be captured: the exported graph fails on new inputs "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+            "remove data-dependent Python control flow from the model's forward") from e
     if not sites:
         raise UnsupportedModel(f"{lm.name} has no attention (no SDPA, attention module or matmul-softmax chain found)",
                                "surgeon rewrites attention; give a transformer model")
     return Captured(model=lm, program=ep, sites=sites, method=method, seconds=time.perf_counter() - t0,
                     example=example, dynamic=spec)
+
+
+def _check_against_eager(ep: ExportedProgram, module: nn.Module, lm: LoadedModel, example_len: int,
+                         dtype: Optional[torch.dtype]) -> None:
+    """Run the program at a second batch/length and compare with the eager model."""
+    ex = lm.example_inputs(example_len + 8, batch=3, seed=1) if lm.kind != "module" or lm.seq_axes else \
+        lm.example_inputs(example_len, batch=3, seed=1)
+    if dtype is not None:
+        ex = tuple(x.to(dtype) if x.is_floating_point() else x for x in ex)
+    with torch.no_grad():
+        a = ep.module()(*ex)
+        b = module(*ex)
+    err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+    if not err < 1e-3:
+        raise UnsupportedModel(f"{lm.name}: the captured graph differs from the eager model on new inputs "
+                               f"(relative error {err:.2g})",
+                               "remove data-dependent Python control flow from the model's forward")
 
 
 # --------------------------------------------------------------------------- site discovery

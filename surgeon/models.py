@@ -106,6 +106,7 @@ class LoadedModel:
     prefix: str = "hf."
     config: dict[str, Any] = field(default_factory=dict)
     example_fn: Optional[Callable[[int, int], tuple]] = None
+    seq_axes: dict[int, int] = field(default_factory=dict)  # module kind: input index → sequence axis
     _fingerprint: Optional[str] = None
 
     @property
@@ -122,7 +123,7 @@ class LoadedModel:
 
     @property
     def seq_dynamic(self) -> bool:
-        return self.is_text
+        return self.is_text or bool(self.seq_axes)
 
     def fingerprint(self) -> str:
         """Content hash of the weights and architecture (stable across loads and machines)."""
@@ -370,8 +371,16 @@ def load_factory(spec: str) -> LoadedModel:
                                "make the factory return an nn.Module")
     example_fn = example_fn or getattr(built, "example_inputs", None)
     maxpos = int(getattr(built, "max_positions", 0) or 0)
+    seq_axes: dict[int, int] = {}
+    if callable(example_fn):
+        a, b = example_fn(16, 2), example_fn(24, 2)
+        for i, (x, y) in enumerate(zip(a, b)):
+            diff = [ax for ax in range(x.dim()) if x.shape[ax] != y.shape[ax]]
+            if len(diff) == 1 and diff[0] != 0:
+                seq_axes[i] = diff[0]
     return LoadedModel(name=spec, kind="module", module=TensorWrapper(built.eval()), source=spec,
-                       max_positions=maxpos, prefix="inner.", config={"factory": spec}, example_fn=example_fn)
+                       max_positions=maxpos, prefix="inner.", config={"factory": spec}, example_fn=example_fn,
+                       seq_axes=seq_axes)
 
 
 def load(model: str = DEFAULT_MODEL) -> LoadedModel:

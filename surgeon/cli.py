@@ -1,0 +1,116 @@
+"""The ``surgeon`` command line: a thin shell over :mod:`surgeon.api`.
+
+Exit codes: 0 success · 1 a check failed (verification, fidelity) · 2 bad input or usage ·
+3 internal error (a bug: please report it with SURGEON_DEBUG=1 output).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="surgeon: a model-surgery compiler for attention (capture → profile → rewrite → export).\n\n"
+                       "Exit codes: 0 success, 1 a check failed, 2 bad input or usage, 3 internal error.")
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True)
+
+MODEL_HELP = ("model: alias (smollm2-135m, minilm-l6, vit-tiny), Hugging Face folder, .gguf file, timm:NAME "
+              "or package.module:factory")
+
+
+def _fail(msg: str, code: int) -> None:
+    err.print(f"error: {msg}", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one-line messages and documented exit codes."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        from surgeon.errors import SurgeonError
+
+        try:
+            return fn(*a, **kw)
+        except typer.Exit:
+            raise
+        except SurgeonError as e:
+            if os.environ.get("SURGEON_DEBUG"):
+                raise
+            _fail(e.one_line(), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 2)
+        except Exception as e:  # a bug: one line by default, the traceback with SURGEON_DEBUG=1
+            if os.environ.get("SURGEON_DEBUG"):
+                raise
+            _fail(f"internal error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''} "
+                  "(re-run with SURGEON_DEBUG=1 for the traceback and report it)", 3)
+
+    return wrapper
+
+
+def _status(msg: str):
+    return err.status(msg, spinner="dots")
+
+
+@app.command()
+@guarded
+def inspect(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+            json_out: bool = typer.Option(False, "--json", help="print a JSON list of sites")) -> None:
+    """Capture MODEL with torch.export and list its attention sites."""
+    from surgeon import api
+
+    with _status(f"loading {model}"):
+        lm = api.load(model)
+    with _status("capturing with torch.export"):
+        cap = api.capture(lm)
+    if json_out:
+        print(json.dumps([s.to_dict() for s in cap.sites], indent=2))
+        return
+    title = f"{lm.name}: {len(cap.sites)} attention sites (captured by {cap.method} in {cap.seconds:.1f} s)"
+    if lm.random_weights:
+        title += " — RANDOM WEIGHTS (architecture only)"
+    t = Table(title=title)
+    for c in ("name", "layer", "heads", "kv_heads", "head_dim", "causal", "mask", "kind"):
+        t.add_column(c, no_wrap=c == "name")
+    for s in cap.sites:
+        t.add_row(s.name, str(s.layer), str(s.heads), str(s.kv_heads), str(s.head_dim), str(s.causal).lower(),
+                  s.mask_kind, s.kind)
+    out.print(t)
+
+
+@app.command()
+@guarded
+def variants(json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """List the registered attention variants: parameters, defaults, fast paths, exports."""
+    from surgeon import api
+
+    info = api.variants()
+    if json_out:
+        print(json.dumps(info, indent=2))
+        return
+    t = Table(title=f"{len(info)} registered variants")
+    for c in ("name", "family", "parameters (defaults)", "fast paths", "exports"):
+        t.add_column(c)
+    for v in info:
+        params = ", ".join(f"{p['name']}={p['default']}" for p in v["parameters"]) or "—"
+        t.add_row(v["name"], v["family"], params, ", ".join(v["fast_paths"]) or "—", ", ".join(v["exports"]))
+    out.print(t)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()
