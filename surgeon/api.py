@@ -39,3 +39,108 @@ def variants() -> list[dict[str, Any]]:
     from surgeon.variants.registry import all_variants
 
     return [v.info() for v in all_variants()]
+
+
+# --------------------------------------------------------------------------- rewrite / eval
+
+def make_policy(lm: LoadedModel, cap: Captured, *, profile: Optional[Path | str] = None,
+                budget: Optional[float] = None, recipe: Optional[Path | str | dict] = None):
+    """The policy from a profile and a budget, or from a recipe (a recipe may build on the plan)."""
+    from surgeon.errors import BadInput
+    from surgeon.passes.policy import identity_policy, load_recipe, policy_from_recipe
+
+    if budget is not None and not (0.0 < float(budget) <= 1.0):
+        raise BadInput(f"--budget {budget} is outside (0, 1]", "give the fraction of dense attention compute to keep, e.g. 0.15")
+    names = [s.name for s in cap.sites]
+    base = None
+    if profile is not None:
+        from surgeon.profiles.plan import plan as _plan
+        from surgeon.profiles.profile_doc import Profile
+
+        prof = Profile.load(profile, model_fingerprint=lm.fingerprint())
+        if budget is not None or recipe is None:
+            base = _plan(prof, 0.15 if budget is None else float(budget))
+    elif recipe is None:
+        raise BadInput("no --profile and no --recipe", "run `surgeon profile MODEL` first, or give --recipe")
+    if recipe is not None:
+        data = recipe if isinstance(recipe, dict) else load_recipe(Path(recipe))
+        return policy_from_recipe(data, lm.fingerprint(), names, base=base)
+    return base if base is not None else identity_policy(lm.fingerprint(), names)
+
+
+def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, budget: Optional[float] = None,
+            recipe: Optional[Path | str | dict] = None, out: Optional[Path | str] = None, force: bool = False,
+            eval_seq_len: int = 1024, eval_samples: int = 2, progress: Any = None) -> dict[str, Any]:
+    """Plan (or read a recipe), rewrite, measure fidelity on held-out text, and write DIR.
+
+    DIR holds program.pt2, policy.json, rewrite.json and report.json. Returns the report.
+    """
+    from surgeon.artifacts import canonical_json, check_writable_output
+    from surgeon.evaluate import evaluate_module
+    from surgeon.passes.rewrite import rewrite as _rewrite
+    from surgeon.passes.rewrite import save_rewritten
+    from surgeon.profiles.data import load_calibration
+
+    out = Path(out or "rewritten")
+    check_writable_output(out, force)
+    step = progress or (lambda msg: None)
+    step("loading model")
+    lm = _load(model) if isinstance(model, str) else model
+    step("capturing")
+    cap = _capture(lm)
+    policy = make_policy(lm, cap, profile=profile, budget=budget, recipe=recipe)
+    step("rewriting")
+    res = _rewrite(cap, policy)
+    report: dict[str, Any] = {"model": lm.name, "budget": budget, "counts": res.counts, "sites": []}
+    if lm.kind in ("causal-lm", "encoder"):
+        seq = min(eval_seq_len, lm.max_positions or eval_seq_len)
+        step(f"measuring fidelity on held-out text ({eval_samples} × {seq} tokens)")
+        data = load_calibration(None, lm, eval_samples, seq, split="heldout")
+        ev = evaluate_module(res.program.module(), lm.kind, data.inputs, seq_len=seq, data=data.source + ":heldout",
+                             dense_module=cap.program.module(), measure_sites=True)
+        report["fidelity"] = ev.to_dict()
+        report["sites"] = ev.sites
+        report["fidelity"].pop("sites", None)
+    for s in report["sites"]:
+        s["params"] = policy.sites[s["site"]].params if s["site"] in policy.sites else {}
+    step("writing")
+    save_rewritten(out, cap, res, force=force, extra={"report.json": canonical_json(report).encode()})
+    report["out"] = str(out)
+    return report
+
+
+def load_rewritten(path: Path | str):
+    from surgeon.passes.rewrite import load_rewritten as _lr
+
+    return _lr(path)
+
+
+def evaluate(model_or_dir: str, *, data: Optional[str] = None, seq_len: int = 1024, samples: int = 4) -> dict[str, Any]:
+    """Perplexity (language models) or embedding cosine against dense (encoders) on held-out text.
+
+    MODEL_OR_DIR: a model (dense) or a folder written by `surgeon rewrite`.
+    """
+    from surgeon.evaluate import evaluate_module
+    from surgeon.passes.rewrite import load_rewritten as _lr
+    from surgeon.profiles.data import load_calibration
+
+    p = Path(model_or_dir)
+    if p.is_dir() and (p / "rewrite.json").exists():
+        rw = _lr(p)
+        lm = _load(rw.manifest.model)
+        if lm.fingerprint() != rw.manifest.model_fingerprint:
+            from surgeon.errors import ArtifactMismatch
+
+            raise ArtifactMismatch(f"{p} was made from a different {rw.manifest.model} than the one installed",
+                                   "re-run `surgeon rewrite` for the installed model")
+        module = rw.module()
+        dense = lm.module if lm.kind != "causal-lm" else None
+    else:
+        lm = _load(model_or_dir)
+        module, dense = lm.module, lm.module
+    seq = seq_len
+    if lm.kind == "causal-lm" or lm.kind == "encoder":
+        seq = min(seq_len, lm.max_positions or seq_len)
+    cal = load_calibration(data, lm, samples, seq, split="heldout")
+    ev = evaluate_module(module, lm.kind, cal.inputs, seq_len=seq, data=cal.source + ":heldout", dense_module=dense)
+    return ev.to_dict()

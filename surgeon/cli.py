@@ -107,6 +107,82 @@ def variants(json_out: bool = typer.Option(False, "--json", help="print JSON")) 
     out.print(t)
 
 
+class _Steps:
+    """Spinner status lines for multi-stage commands (stderr)."""
+
+    def __init__(self) -> None:
+        self.status = err.status("starting", spinner="dots")
+        self.status.start()
+
+    def __call__(self, msg: str) -> None:
+        self.status.update(msg)
+
+    def stop(self) -> None:
+        self.status.stop()
+
+
+@app.command()
+@guarded
+def rewrite(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+            profile: Optional[Path] = typer.Option(None, "--profile", help="profile.json from `surgeon profile`"),
+            budget: Optional[float] = typer.Option(None, "--budget",
+                                                   help="fraction of dense attention compute kept, in (0, 1]"),
+            recipe: Optional[Path] = typer.Option(None, "--recipe",
+                                                  help="YAML/JSON mapping site-name globs to {variant: NAME, params…}"),
+            out_dir: Path = typer.Option(Path("rewritten"), "--out", help="output folder"),
+            force: bool = typer.Option(False, "--force", help="overwrite --out"),
+            eval_seq_len: int = typer.Option(1024, "--eval-seq-len", help="held-out tokens per sample for fidelity"),
+            eval_samples: int = typer.Option(2, "--eval-samples", help="held-out samples for fidelity"),
+            json_out: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+    """Plan from a profile and budget (or read a recipe), rewrite MODEL, measure fidelity, write DIR."""
+    from surgeon import api
+
+    steps = _Steps()
+    try:
+        rep = api.rewrite(model, profile=profile, budget=budget, recipe=recipe, out=out_dir, force=force,
+                          eval_seq_len=eval_seq_len, eval_samples=eval_samples, progress=steps)
+    finally:
+        steps.stop()
+    if json_out:
+        print(json.dumps(rep, indent=2))
+        return
+    t = Table(title=f"{rep['model']} rewritten → {rep['out']}  ({', '.join(f'{k}×{v}' for k, v in rep['counts'].items())})")
+    for c in ("site", "variant", "requested", "achieved", "rel. error vs dense"):
+        t.add_column(c, no_wrap=c == "site")
+    for s in rep["sites"]:
+        t.add_row(s["site"], s["variant"], f"{s['requested_density']:.3f}", f"{s['achieved_density']:.3f}",
+                  f"{s['rel_error']:.2e}")
+    out.print(t)
+    f = rep.get("fidelity")
+    if f:
+        if "ppl" in f:
+            out.print(f"held-out perplexity {f['ppl']:.3f} vs dense {f['dense_ppl']:.3f} "
+                      f"({100 * f['ppl_increase']:+.2f}%) on {f['tokens']} tokens")
+        else:
+            out.print(f"held-out embedding cosine vs dense {f['cosine']:.5f} on {f['tokens']} tokens")
+
+
+@app.command(name="eval")
+@guarded
+def eval_cmd(model_or_dir: str = typer.Argument("smollm2-135m", help="a model, or a folder from `surgeon rewrite`"),
+             data: Optional[str] = typer.Option(None, "--data", help="text file, folder, or JSONL (default: built-in corpus, held-out split)"),
+             seq_len: int = typer.Option(1024, "--seq-len", help="tokens per sample"),
+             samples: int = typer.Option(4, "--samples", help="number of samples"),
+             json_out: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Perplexity (language models) or embedding cosine against dense (encoders) on held-out text."""
+    from surgeon import api
+
+    with _status("evaluating"):
+        res = api.evaluate(model_or_dir, data=data, seq_len=seq_len, samples=samples)
+    if json_out:
+        print(json.dumps(res, indent=2))
+        return
+    if "ppl" in res:
+        out.print(f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens (seq_len {res['seq_len']}, {res['data']})")
+    else:
+        out.print(f"embedding cosine vs dense {res['cosine']:.6f} over {res['tokens']} tokens ({res['data']})")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -59,3 +59,6 @@ class Dense(Variant):
 
     def fast_paths(self):
         return {"sdpa": lambda q, k, v, ctx, p, bm=None: sdpa(q, k, v, ctx)}
+
+    def fast_available(self, name: str, q, ctx: AttnContext, p: VariantParams) -> bool:
+        return not ctx.modulated  # SDPA cannot apply modulation hooks

@@ -1,0 +1,893 @@
+"""The calibration profiler: one instrumented pass over the data computes every statistic.
+
+How it works
+------------
+``cap.program.module()`` is copied into a fresh ``GraphModule`` and every
+``aten.scaled_dot_product_attention`` node's target is replaced by a plain Python function
+(torch.fx accepts any callable) that
+
+1. returns the model's own dense SDPA output (so the forward is unchanged), and
+2. under ``no_grad``, recomputes the attention of that site in query chunks and feeds the
+   site's statistics into a :class:`Collector`;
+3. optionally runs a ``surgeon`` variant instead of SDPA (layer sensitivity, policy evaluation),
+   wiring block masks from anchor to reusing sites the way the rewrite pass does.
+
+The node also receives the input of the site's query projection (found by walking back from
+the query to the nearest ``linear``): the sink-alignment test of methods.md §13f needs the
+layer's hidden states. For pre-norm models this is the normalised residual stream
+``w ⊙ x / rms(x)`` — a per-dimension rescaling of the residual — which we use as the proxy for
+``h^l`` in ``cos(h_j, h_0)``. For post-norm models (BERT) it is the residual stream itself.
+
+Chunk math (memory)
+-------------------
+Samples are processed one at a time (batch 1). Per site a chunk of ``c`` query rows (a multiple
+of ``block_size``) holds the logits/probabilities of all query heads for all keys,
+``Hq · c · Nk`` float32 values, with ``c = max(block, ⌊chunk_elems / (Hq·Nk)⌋ rounded down to a
+block multiple)``. The default ``chunk_elems = 2**23`` (32 MiB per such tensor) gives, for
+SmolLM2 at 8192 tokens (Hq = 9), c = 64 rows (one block: 9·64·8192·4 B = 18.9 MiB); about six
+tensors of that size are alive at once (probabilities, entropy/xlogy, local band product,
+sparse probabilities, block sums), so the statistics add ≈ 0.15 GiB on top of the model — never
+an N×N matrix for all heads. In statistics-only passes the forward is stopped after the last
+site, so the [N, vocab] logits (1.6 GB at 8192 for SmolLM2) are never built. Gradients
+(HeSS) need the whole autograd graph and are taken on windows of ``grad_seq_len`` tokens
+(default ≤ 1024) — recorded in the profile's settings.
+
+HeSS (methods.md §1, [PROPOSED] there; our choices)
+---------------------------------------------------
+δ_h = O_h(block_topk at the reference keep) − O_h(dense), computed from the same chunked
+probabilities: the block_topk output is dense attention restricted to the selected blocks and
+renormalised, so ``δ = (P⊙M/ΣP⊙M − P)·V``. The two error terms are (e1) the next-token
+cross-entropy on the calibration text itself and (e2) the cross-entropy against the dense
+model's own argmax predictions (label-free pseudo-targets, methods.md §1). Gradients dL_e/dO_h
+come from a zero tensor ``z`` added to each site's output (``O + z``, ``dL/dz = dL/dO``), with the
+model's parameters temporarily set to ``requires_grad=False``. ``S_h^e = E_x[(Σ dL_e/dO_h ⊙ δ_h)²]``
+and ``HeSS_h = Σ_e S_h^e / Σ_h' S_h'^e`` over all heads of all sites. Models without an LM loss
+(encoders, vision) use the label-free proxy ``E‖δ_h‖² / E‖O_h‖²``, normalised to sum 1.
+
+Layer sensitivity: one forward per site with that site alone running ``block_topk`` at the
+reference keep (the variant's own fast path), the others dense, on ``sens_samples`` rows of
+``sens_seq_len`` tokens; the score is the CE increase over the dense forward (causal LMs) or
+the relative L2 error of the output (other models).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from surgeon.capture import SDPA, Captured, Site, _sdpa_args, sdpa_nodes
+from surgeon.errors import BadInput
+from surgeon.kernels.blocksparse_cpu import block_geometry, keep_counts, select_top, sink_local_blocks
+from surgeon.models import LoadedModel
+from surgeon.passes.policy import Policy
+from surgeon.profiles.data import CalibrationData, load_calibration
+from surgeon.profiles.profile_doc import Profile, SiteProfile
+from surgeon.profiles.solvers import directed_overlap, iqr_clip_mean
+from surgeon.variants.base import AttnContext, VariantParams, unrepeat_kv
+from surgeon.variants.registry import get_variant
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+DEFAULT_KEEP_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
+COVERAGES = (0.9, 0.95)
+HESS_TERMS = ("ce", "pseudo_ce")
+_LINEAR_TARGETS = (torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
+                   torch.ops.aten.matmul.default)
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """Every knob that shapes the profile (all recorded in ``profile.settings``).
+
+    ref_keep: the reference block_topk keep used for δ (HeSS), the overlap top-k and layer
+    sensitivity; sink_blocks/local_blocks: block_topk's forced blocks; keep_grid: κ values of
+    the coverage curves; local_window: tokens counted as "local"; sink_*: methods.md §13f
+    thresholds [PROPOSED there]; grad_*: HeSS gradient passes (None → defaults below);
+    sens_*: layer-sensitivity forwards; chunk_elems: elements per [Hq, c, Nk] chunk tensor.
+    """
+
+    samples: int = 8
+    seq_len: int = 2048
+    block_size: int = 64
+    seed: int = 0
+    ref_keep: float = 0.15
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    keep_grid: tuple[float, ...] = DEFAULT_KEEP_GRID
+    local_window: int = 128
+    sink_ratio: float = 5.0
+    sink_min_score: float = 0.02
+    sink_cos: float = 0.8
+    sink_min_queries: int = 32
+    gradients: bool = True
+    grad_samples: Optional[int] = None
+    grad_seq_len: Optional[int] = None
+    sensitivity: bool = True
+    sens_samples: Optional[int] = None
+    sens_seq_len: Optional[int] = None
+    chunk_elems: int = 1 << 23
+
+    def __post_init__(self) -> None:
+        def pos_int(name: str, v: Any, lo: int = 1) -> None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise BadInput(f"{name}={v!r} is invalid", f"use an integer >= {lo}")
+
+        pos_int("samples", self.samples)
+        pos_int("seq_len", self.seq_len)
+        pos_int("block_size", self.block_size)
+        pos_int("seed", self.seed, 0)
+        pos_int("sink_blocks", self.sink_blocks, 0)
+        pos_int("local_blocks", self.local_blocks, 0)
+        pos_int("local_window", self.local_window)
+        pos_int("sink_min_queries", self.sink_min_queries)
+        pos_int("chunk_elems", self.chunk_elems)
+        for nm in ("grad_samples", "grad_seq_len", "sens_samples", "sens_seq_len"):
+            v = getattr(self, nm)
+            if v is not None:
+                pos_int(nm, v, 0 if nm.endswith("samples") else 16)
+        if not (0.0 < float(self.ref_keep) <= 1.0):
+            raise BadInput(f"ref_keep={self.ref_keep} is out of range", "use a keep fraction in (0, 1]")
+        if not self.keep_grid or any(not (0.0 < float(k) <= 1.0) for k in self.keep_grid) or \
+                list(self.keep_grid) != sorted(self.keep_grid):
+            raise BadInput(f"keep_grid={self.keep_grid} is invalid", "give increasing fractions in (0, 1]")
+
+    # -- resolved values ------------------------------------------------------------
+    def resolved(self, lm: LoadedModel, seq_len: int) -> dict[str, Any]:
+        """The settings with defaults filled in for ``lm`` (what the profile records)."""
+        lm_loss = lm.kind == "causal-lm"
+        grad = bool(self.gradients and lm_loss)
+        gs = min(seq_len, self.grad_seq_len or 1024) if lm.is_text else seq_len
+        ss = min(seq_len, self.sens_seq_len or 1024) if lm.is_text else seq_len
+        d = asdict(self)
+        d["keep_grid"] = list(self.keep_grid)
+        d.update({
+            "seq_len": seq_len,
+            "gradients": grad,
+            "grad_samples": (min(self.samples, self.grad_samples) if self.grad_samples is not None
+                             else self.samples) if grad else 0,
+            "grad_seq_len": gs if grad else 0,
+            "grad_checkpointing": False,
+            "grad_window": ("full" if gs >= seq_len else f"first {gs} tokens of each sample") if grad else "none",
+            "hess_method": "gradient" if grad else "label-free",
+            "hess_terms": list(HESS_TERMS) if grad else [],
+            "sensitivity": bool(self.sensitivity),
+            "sens_samples": (min(self.samples, self.sens_samples) if self.sens_samples is not None
+                             else min(self.samples, 2)) if self.sensitivity else 0,
+            "sens_seq_len": ss if self.sensitivity else 0,
+            "sensitivity_metric": "ce_increase" if lm_loss else "rel_l2",
+            "coverages": list(COVERAGES),
+            "sink_alignment": "q_proj_input",
+        })
+        return d
+
+
+# --------------------------------------------------------------------------- accumulators
+
+class _SiteAcc:
+    """Running sums of one site (float64, CPU)."""
+
+    def __init__(self, site: Site, heads: int, groups: int, grid: int) -> None:
+        self.site = site
+        self.heads, self.groups = heads, groups
+        z = lambda *s: np.zeros(s, dtype=np.float64)  # noqa: E731
+        self.f90: list[np.ndarray] = []  # [T, H] per chunk
+        self.f95: list[np.ndarray] = []
+        self.g90: list[np.ndarray] = []  # [T, G]
+        self.cov_sum = z(heads, grid)
+        self.cov_n = 0
+        self.ent_sum = z(heads)
+        self.ent_norm_sum = z(heads)
+        self.ent_norm_rows = 0
+        self.entmax_sum = 0.0
+        self.rows = 0
+        self.local_sum = z(heads)
+        self.sink0_sum = z(heads)
+        self.sink0_rows = 0
+        self.sink_score_sum = 0.0
+        self.sink_samples = 0
+        self.secondary = 0
+        self.d2 = z(heads)
+        self.o2 = z(heads)
+        self.hess_sq = {t: z(heads) for t in HESS_TERMS}
+        self.hess_n = 0
+        self.masks: list[np.ndarray] = []  # this sample's [T, G, nkb] top-k masks
+        self.colsum: Optional[torch.Tensor] = None  # this sample's Σ_{h, i≠j} A[i, j]
+        self.sens: list[float] = []
+        self.sens_l2: list[float] = []
+
+
+@dataclass
+class _Mode:
+    stats: bool = False
+    delta: bool = False
+    keep_delta: bool = False
+    grad: bool = False
+    stop_after: Optional[int] = None
+    policy: dict[int, tuple[Any, VariantParams, Optional[int]]] = field(default_factory=dict)
+
+
+class _StopForward(Exception):
+    """Raised after the last site in statistics-only passes (the rest of the model is unused)."""
+
+
+class Collector:
+    """Receives every instrumented SDPA call (see the module docstring)."""
+
+    def __init__(self, cap: Captured, st: ProfileSettings) -> None:
+        self.cap = cap
+        self.sites = cap.sites
+        self.st = st
+        self.mode = _Mode()
+        self.acc: list[_SiteAcc] = []
+        for s in self.sites:
+            g = s.kv_heads if s.kv_heads > 0 and s.heads % s.kv_heads == 0 else s.heads
+            self.acc.append(_SiteAcc(s, s.heads, g, len(st.keep_grid)))
+        self.deltas: dict[int, torch.Tensor] = {}
+        self.zs: dict[int, torch.Tensor] = {}
+        self.produced: dict[int, torch.Tensor] = {}
+        self.sample_sinks: dict[int, list[tuple[int, float, float]]] = {}
+        self.overlap_masks: list[np.ndarray] = []  # per sample [T, L, G, nkb]
+        self.overlap_ok = True
+        self.secondary: list[dict[str, Any]] = []
+        self.sink_primary: list[list[float]] = [[] for _ in self.sites]
+
+    # -- the instrumented call ---------------------------------------------------------
+    def call(self, idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
+             scale: Optional[float] = None, enable_gqa: bool = False, hidden: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
+        site = self.sites[idx]
+        sc = float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+        m = self.mode
+        if idx in m.policy:
+            out = self._run_variant(idx, query, key, value, attn_mask, sc)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0,
+                                                 is_causal=bool(is_causal), scale=scale, enable_gqa=enable_gqa)
+        if m.stats or m.delta:
+            with torch.no_grad():
+                self._site_stats(idx, site, query.detach(), key.detach(), value.detach(), attn_mask,
+                                 bool(is_causal), sc, None if hidden is None else hidden.detach())
+        if m.grad:
+            z = torch.zeros_like(out, requires_grad=True)
+            self.zs[idx] = z
+            out = out + z
+        if m.stop_after is not None and idx == m.stop_after:
+            raise _StopForward()
+        return out
+
+    def _ctx(self, site: Site, g: int, attn_mask: Optional[torch.Tensor], scale: float) -> AttnContext:
+        explicit = attn_mask if site.mask_kind == "explicit" else None
+        return AttnContext(causal=site.causal, scale=scale, kv_heads=g, key_padding=None, attn_mask=explicit,
+                           layer=site.layer, site=site.name)
+
+    def _run_variant(self, idx: int, q, k, v, attn_mask, scale: float) -> torch.Tensor:
+        var, params, anchor = self.mode.policy[idx]
+        site = self.sites[idx]
+        g = self.acc[idx].groups
+        ku, vu = unrepeat_kv(k, q.shape[1], g), unrepeat_kv(v, q.shape[1], g)
+        bm = self.produced.get(anchor) if anchor is not None else None
+        if var.consumes_block_mask and bm is None:
+            raise BadInput(f"site {site.name} reuses a block mask that no earlier site produced",
+                           "give its anchor a block_topk variant")
+        out = var.run(q, ku, vu, self._ctx(site, g, attn_mask, scale), params, bm)
+        if var.produces_block_mask:
+            out, mask = out
+            self.produced[idx] = mask
+        return out
+
+    # -- statistics of one site ---------------------------------------------------------
+    def _site_stats(self, idx: int, site: Site, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    attn_mask: Optional[torch.Tensor], is_causal: bool, scale: float,
+                    hidden: Optional[torch.Tensor]) -> None:
+        """q [1,Hq,Nq,D], k/v [1,Hq|Hkv,Nk,D] (repeated K/V are un-repeated here)."""
+        st, acc, m = self.st, self.acc[idx], self.mode
+        b, hq, nq, _ = q.shape
+        if b != 1:
+            raise BadInput("the profiler processes one sample at a time", "call it with batch 1")
+        g = acc.groups
+        gs = hq // g
+        ku, vu = unrepeat_kv(k, hq, g), unrepeat_kv(v, hq, g)
+        nk = ku.shape[2]
+        dv = vu.shape[-1]
+        dev = q.device
+        bs = st.block_size
+        geo = block_geometry(nq, nk, bs, bs, site.causal, dev)
+        nkb = geo.nkb
+        n_allowed = geo.allowed.sum(dim=-1)  # [nqb]
+        forced = sink_local_blocks(geo, st.sink_blocks, st.local_blocks) | geo.partial
+        step = n_allowed > forced.sum(dim=-1)
+        if not bool(step.any()):
+            step = torch.ones_like(step)
+        grid = torch.tensor(st.keep_grid, dtype=torch.float64, device=dev)
+        kgrid = keep_counts(grid, n_allowed)  # [K, nqb]
+        kref = keep_counts(torch.tensor([st.ref_keep], dtype=torch.float64, device=dev), n_allowed)[0]  # [nqb]
+        sel = None
+        if m.delta:
+            bt = get_variant("block_topk")
+            p = bt.params_from({"keep": st.ref_keep, "block_size": bs, "sink_blocks": st.sink_blocks,
+                                "local_blocks": st.local_blocks})
+            sel = bt.select(q, ku, self._ctx(site, g, attn_mask, scale), p)  # [1,Hq,nqb,nkb]
+            delta = q.new_empty(b, hq, nq, dv) if m.keep_delta else None
+        off = nk - nq
+        rows = max(bs, (st.chunk_elems // max(1, hq * nk)) // bs * bs)
+        kpos = torch.arange(nk, device=dev)
+        colsum = torch.zeros(nk, dtype=torch.float64, device=dev) if m.stats else None
+        ku_t = ku.transpose(-1, -2)
+        for r0 in range(0, nq, rows):
+            r1 = min(nq, r0 + rows)
+            c = r1 - r0
+            qpos = off + torch.arange(r0, r1, device=dev)
+            qg = q[:, :, r0:r1].reshape(b, g, gs * c, -1)
+            z = torch.matmul(qg, ku_t).mul_(scale).view(b, hq, c, nk)
+            allow = None
+            if isinstance(attn_mask, torch.Tensor):
+                mk = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., r0:r1, :]
+                if mk.dtype == torch.bool:
+                    allow = mk
+                else:
+                    z = z + mk
+                    allow = mk > -1e30
+            if is_causal:
+                cm = kpos[None, :] <= qpos[:, None]
+                allow = cm if allow is None else allow & cm
+            if allow is not None:
+                z.masked_fill_(~allow, float("-inf"))
+            mx = z.amax(dim=-1, keepdim=True)
+            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+            pr = z.sub_(mx).exp_()
+            ssum = pr.sum(dim=-1, keepdim=True)
+            pr = pr.div_(ssum.clamp_min(torch.finfo(pr.dtype).tiny))  # [1,Hq,c,Nk] probabilities
+            if m.stats:
+                self._chunk_stats(acc, pr, allow, r0, r1, qpos, kpos, off, geo, step, n_allowed, forced, kgrid,
+                                  kref, colsum, site.causal)
+            if m.delta:
+                qb0, qb1 = r0 // bs, (r1 + bs - 1) // bs
+                keep = sel[:, :, qb0:qb1].repeat_interleave(bs, dim=2)[:, :, :c]
+                keep = keep.repeat_interleave(bs, dim=3)[..., :nk]
+                ps = pr * keep
+                ps = ps.div_(ps.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(ps.dtype).tiny))
+                od = torch.matmul(pr.reshape(b, g, gs * c, nk), vu).view(b, hq, c, dv)
+                os_ = torch.matmul(ps.view(b, g, gs * c, nk), vu).view(b, hq, c, dv)
+                dl = os_ - od
+                acc.d2 += dl.double().pow(2).sum(dim=(0, 2, 3)).cpu().numpy()
+                acc.o2 += od.double().pow(2).sum(dim=(0, 2, 3)).cpu().numpy()
+                if delta is not None:
+                    delta[:, :, r0:r1] = dl
+            del z, pr
+        if m.delta and delta is not None:
+            self.deltas[idx] = delta
+        if m.stats:
+            self._sinks(idx, acc, colsum, nq, nk, off, site.causal, hq, hidden)
+
+    def _chunk_stats(self, acc: _SiteAcc, pr: torch.Tensor, allow: Optional[torch.Tensor], r0: int, r1: int,
+                     qpos: torch.Tensor, kpos: torch.Tensor, off: int, geo: Any, step: torch.Tensor,
+                     n_allowed: torch.Tensor, forced: torch.Tensor, kgrid: torch.Tensor, kref: torch.Tensor,
+                     colsum: torch.Tensor, causal: bool) -> None:
+        st = self.st
+        b, hq, c, nk = pr.shape
+        bs = st.block_size
+        g = acc.groups
+        # entropy and its bound
+        ent = -torch.special.xlogy(pr, pr).sum(dim=-1)[0].double()  # [Hq, c]
+        nkeys = (allow.sum(dim=-1) if allow is not None else torch.full((1, 1, c), nk, device=pr.device))
+        nkeys = nkeys.expand(b, hq, c)[0].double()  # [Hq, c]
+        logn = torch.log(nkeys.clamp_min(1.0))
+        acc.ent_sum += ent.sum(dim=1).cpu().numpy()
+        acc.entmax_sum += float(logn.mean(dim=0).sum())
+        multi = nkeys > 1
+        acc.ent_norm_sum += torch.where(multi, ent / logn.clamp_min(1e-30), torch.zeros_like(ent)).sum(dim=1).cpu().numpy()
+        acc.ent_norm_rows += int(multi[0].sum())
+        acc.rows += c
+        # local-window mass
+        w = st.local_window
+        if causal:
+            band = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - w)
+        else:
+            band = (kpos[None, :] - qpos[:, None]).abs() < w
+        acc.local_sum += (pr * band).sum(dim=-1)[0].double().sum(dim=1).cpu().numpy()
+        # sinks: column sums over later (causal) / other (non-causal) queries
+        colsum += pr.sum(dim=(0, 1, 2)).double()
+        lo = off + r0
+        diag = torch.diagonal(pr, offset=lo, dim1=-2, dim2=-1) if lo < nk else pr.new_zeros(b, hq, 0)
+        if diag.shape[-1]:
+            colsum[lo: lo + diag.shape[-1]] -= diag.sum(dim=(0, 1)).double()
+        first = pr[0, :, :, 0].double()  # [Hq, c]
+        if lo <= 0 < off + r1:
+            first = torch.cat([first[:, : -lo], first[:, -lo + 1:]], dim=1) if -lo < c else first
+        acc.sink0_sum += first.sum(dim=1).cpu().numpy()
+        acc.sink0_rows += first.shape[1]
+        # key-block mass per query block
+        qb0, qb1 = r0 // bs, (r1 + bs - 1) // bs
+        cqb = qb1 - qb0
+        if cqb * bs != c:
+            pr = torch.cat([pr, pr.new_zeros(b, hq, cqb * bs - c, nk)], dim=2)
+        pb = pr.view(b, hq, cqb, bs, nk).sum(dim=3)
+        if geo.nkb * bs != nk:
+            pb = F.pad(pb, (0, geo.nkb * bs - nk))
+        bm = pb.view(b, hq, cqb, geo.nkb, bs).sum(dim=-1)[0].double()  # [Hq, cqb, nkb]
+        stp = step[qb0:qb1]
+        if not bool(stp.any()):
+            return
+        bm = bm[:, stp]  # [Hq, T, nkb]
+        na = n_allowed[qb0:qb1][stp]
+        cum = _sorted_cum(bm)
+        f = [_needed(cum, na, cov) for cov in COVERAGES]
+        acc.f90.append(f[0].T.cpu().numpy())
+        acc.f95.append(f[1].T.cpu().numpy())
+        kg = kgrid[:, qb0:qb1][:, stp]  # [K, T]
+        idx = (kg.T[None] - 1).clamp(0, geo.nkb - 1).expand(hq, -1, -1)  # [Hq, T, K]
+        cov = torch.gather(cum, -1, idx)
+        acc.cov_sum += cov.sum(dim=1).cpu().numpy()
+        acc.cov_n += cov.shape[1]
+        gm = bm.view(g, hq // g, bm.shape[1], geo.nkb).sum(dim=1)  # [G, T, nkb]
+        acc.g90.append(_needed(_sorted_cum(gm), na, COVERAGES[0]).T.cpu().numpy())
+        sel = select_top(gm[None], geo.allowed[qb0:qb1][stp], forced[qb0:qb1][stp],
+                         torch.ones(1, 1, 1, geo.nkb, dtype=torch.bool, device=gm.device),
+                         kref[qb0:qb1][stp][None, None])  # [1, G, T, nkb]
+        acc.masks.append(sel[0].permute(1, 0, 2).cpu().numpy())
+
+    def _sinks(self, idx: int, acc: _SiteAcc, colsum: torch.Tensor, nq: int, nk: int, off: int, causal: bool,
+               hq: int, hidden: Optional[torch.Tensor]) -> None:
+        """methods.md §13f: σ_l(j) = mean_{h, i>j} A_h[i, j] (non-causal: i ≠ j); flag j ≠ 0 with
+        σ ≥ max(ratio·median σ, min_score) and cos(h_j, h_0) ≥ sink_cos."""
+        st = self.st
+        j = torch.arange(nk, device=colsum.device)
+        if causal:
+            cnt = nq - torch.clamp(j - off + 1, 0, nq)
+        else:
+            cnt = nq - ((j >= off) & (j < off + nq)).long()
+        cnt = cnt.double() * hq
+        sigma = colsum / cnt.clamp_min(1.0)
+        acc.colsum = None
+        acc.sink_score_sum += float(sigma[0]) if cnt[0] > 0 else 0.0
+        acc.sink_samples += 1
+        self.sink_primary[idx].append(float(sigma[0]) if cnt[0] > 0 else 0.0)
+        ok = cnt >= st.sink_min_queries * hq
+        if int(ok.sum()) < 2:
+            self.sample_sinks[idx] = []
+            return
+        med = float(sigma[ok].median())
+        thr = max(st.sink_ratio * med, st.sink_min_score)
+        cand = ok & (sigma >= thr) & (j > 0)
+        pos = torch.nonzero(cand).flatten()
+        found: list[tuple[int, float, float]] = []
+        h = None
+        if hidden is not None:
+            hh = hidden
+            if hh.dim() == 2 and hh.shape[0] % nq == 0:
+                hh = hh.view(-1, nq, hh.shape[-1])
+            if hh.dim() == 3 and hh.shape[1] == nk:
+                h = hh[0].double()
+        for p in pos.tolist():
+            cosv = float("nan")
+            if h is not None:
+                cosv = float(F.cosine_similarity(h[p], h[0], dim=0))
+                if not cosv >= st.sink_cos:
+                    continue
+            found.append((int(p), float(sigma[p]), cosv))
+        self.sample_sinks[idx] = found
+        acc.secondary += len(found)
+
+    # -- per-sample bookkeeping ---------------------------------------------------------
+    def end_stats_sample(self, sample: int, ids: Optional[torch.Tensor], tokenizer: Any) -> None:
+        masks = [np.concatenate(a.masks, axis=0) if a.masks else None for a in self.acc]
+        for a in self.acc:
+            a.masks = []
+        if any(x is None for x in masks) or len({x.shape for x in masks}) != 1:
+            self.overlap_ok = False
+        if self.overlap_ok:
+            self.overlap_masks.append(np.stack(masks, axis=1))  # [T, L, G, nkb]
+        by_pos: dict[int, list[tuple[int, float, float]]] = {}
+        for li in range(len(self.sites)):
+            for p, s, cv in self.sample_sinks.get(li, []):
+                by_pos.setdefault(p, []).append((li, s, cv))
+        self.sample_sinks = {}
+        for p in sorted(by_pos):
+            ent = by_pos[p]
+            layers = [e[0] for e in ent]
+            life = 1
+            while life < len(layers) and layers[life] == layers[0] + life:
+                life += 1
+            tok = None
+            if ids is not None and tokenizer is not None and p < ids.shape[-1]:
+                tok = str(tokenizer.convert_ids_to_tokens(int(ids[0, p])))
+            best = max(ent, key=lambda e: (e[1], -e[0]))
+            self.secondary.append({"sample": sample, "position": p, "token": tok, "start_layer": layers[0],
+                                   "lifetime": life, "layers": layers, "max_score": best[1],
+                                   "cos_to_first": None if math.isnan(best[2]) else best[2]})
+
+    def add_hess(self, grads: dict[str, Sequence[torch.Tensor]]) -> None:
+        """Accumulate (Σ dL_e/dO_h ⊙ δ_h)^2 for each error term e."""
+        for term, gl in grads.items():
+            for i, gr in enumerate(gl):
+                d = self.deltas.get(i)
+                if d is None or gr is None:
+                    continue
+                s = (gr.double() * d.double()).sum(dim=(0, 2, 3)).cpu().numpy()
+                self.acc[i].hess_sq[term] += s * s
+        for i in self.deltas:
+            self.acc[i].hess_n += 1
+        self.deltas = {}
+        self.zs = {}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _sorted_cum(bm: torch.Tensor) -> torch.Tensor:
+    """Block masses [..., nkb] → cumulative fraction of the descending-sorted masses."""
+    tot = bm.sum(dim=-1, keepdim=True).clamp_min(1e-300)
+    srt = torch.sort(bm / tot, dim=-1, descending=True).values
+    return torch.cumsum(srt, dim=-1)
+
+
+def _needed(cum: torch.Tensor, n_allowed: torch.Tensor, coverage: float) -> torch.Tensor:
+    """Fraction of the allowed blocks needed to reach ``coverage`` (cum [..., T, nkb], n_allowed [T])."""
+    need = (cum < coverage - 1e-12).sum(dim=-1) + 1
+    na = n_allowed.to(need.dtype)
+    return torch.minimum(need, na).double() / na.double()
+
+
+def find_hidden_input(q_node: torch.fx.Node, max_depth: int = 16) -> Optional[torch.fx.Node]:
+    """The input of the projection that produced ``q_node`` (breadth-first search backwards to the
+    nearest linear/addmm/mm/matmul), or None."""
+    seen = {q_node}
+    frontier = [q_node]
+    for _ in range(max_depth):
+        nxt = []
+        for n in frontier:
+            if n.op == "call_function" and n.target in _LINEAR_TARGETS:
+                arg = n.args[1] if n.target == torch.ops.aten.addmm.default else n.args[0]
+                return arg if isinstance(arg, torch.fx.Node) else None
+            for a in n.all_input_nodes:
+                if a not in seen and a.op == "call_function":
+                    seen.add(a)
+                    nxt.append(a)
+        frontier = nxt
+        if not frontier:
+            break
+    return None
+
+
+def instrument(cap: Captured, collector: Collector) -> torch.fx.GraphModule:
+    """A fresh GraphModule of ``cap.program`` whose SDPA nodes call ``collector.call``."""
+    gm = cap.program.module()
+    nodes = sdpa_nodes(gm.graph)
+    if len(nodes) != len(cap.sites):
+        raise BadInput(f"graph has {len(nodes)} attention nodes but the capture lists {len(cap.sites)} sites",
+                       "capture the model again")
+    for i, n in enumerate(nodes):
+        a = _sdpa_args(n)
+        hid = find_hidden_input(a["query"]) if isinstance(a["query"], torch.fx.Node) else None
+
+        def fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+               hidden=None, _i=i):
+            return collector.call(_i, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, hidden)
+
+        fn.__name__ = f"surgeon_profile_site_{i}"
+        n.target = fn
+        n.args = (a["query"], a["key"], a["value"], a["attn_mask"])
+        n.kwargs = {"dropout_p": a["dropout_p"], "is_causal": a["is_causal"], "scale": a["scale"],
+                    "enable_gqa": a["enable_gqa"], "hidden": hid}
+    gm.recompile()
+    return gm
+
+
+@contextlib.contextmanager
+def _frozen_params(module: torch.nn.Module) -> Iterator[None]:
+    """Temporarily set requires_grad=False on every parameter (restored afterwards)."""
+    params = list(module.parameters())
+    old = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, r in zip(params, old):
+            p.requires_grad_(r)
+
+
+def _run(gm: torch.fx.GraphModule, inputs: tuple) -> Optional[torch.Tensor]:
+    try:
+        return gm(*inputs)
+    except _StopForward:
+        return None
+
+
+def causal_lm_ce(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 512) -> float:
+    """Mean next-token cross-entropy of logits [1, N, V] on ids [1, N] (no grad, chunked rows)."""
+    n = logits.shape[1] - 1
+    tot = 0.0
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        tot += float(F.cross_entropy(logits[0, a:b].double(), ids[0, a + 1:b + 1], reduction="sum"))
+    return tot / max(n, 1)
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ (float64)."""
+    d = (out.double() - ref.double()).norm()
+    return float(d / ref.double().norm().clamp_min(1e-30))
+
+
+def _emit(progress: Optional[ProgressFn], stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+# --------------------------------------------------------------------------- the profiler
+
+def profile(
+    lm: LoadedModel,
+    cap: Captured,
+    *,
+    texts: Optional[Sequence[str]] = None,
+    data_path: Optional[str] = None,
+    samples: int = 8,
+    seq_len: int = 2048,
+    block_size: int = 64,
+    seed: int = 0,
+    progress: Optional[ProgressFn] = None,
+    **options: Any,
+) -> Profile:
+    """Profile ``lm`` (captured as ``cap``) on calibration data; returns the :class:`Profile`.
+
+    Data: ``texts`` (documents), ``data_path`` (file/folder, see :mod:`surgeon.profiles.data`) or
+    neither (the built-in corpus); the ``calib`` split is used. ``options`` are the other
+    :class:`ProfileSettings` fields (ref_keep, grad_seq_len, sens_samples, ...). ``progress`` is
+    called as ``progress(stage, done, total)`` with stages "statistics", "gradients",
+    "sensitivity". Deterministic: same inputs and seed → byte-identical ``to_json()``.
+    """
+    if texts is not None and data_path is not None:
+        raise BadInput("both texts and data_path were given", "pass one calibration source")
+    st = ProfileSettings(samples=samples, seq_len=seq_len, block_size=block_size, seed=seed, **options)
+    data = load_calibration(data_path, lm, samples, seq_len, "calib", seed=seed, texts=texts)
+    n_tok = int(data.inputs[0].shape[1]) if data.is_text else int(lm.max_positions or 0)
+    rs = st.resolved(lm, n_tok if data.is_text else seq_len)
+    if not data.is_text:
+        rs["seq_len"] = n_tok
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    col = Collector(cap, st)
+    gm = instrument(cap, col)
+    L = len(cap.sites)
+    lm_loss = lm.kind == "causal-lm"
+    grad_n, grad_len = int(rs["grad_samples"]), int(rs["grad_seq_len"])
+    combined = bool(rs["gradients"]) and grad_len >= n_tok and data.is_text
+    ids_all = data.inputs[0] if data.is_text else None
+    with _frozen_params(gm):
+        # ---- pass 1: statistics (a)-(e), and HeSS (f) when the gradient window is the full row
+        for s in range(data.samples):
+            inputs = data.row(s)
+            with_grad = combined and s < grad_n
+            col.mode = _Mode(stats=True, delta=True, keep_delta=with_grad, grad=with_grad,
+                             stop_after=None if with_grad else L - 1)
+            if with_grad:
+                _grad_step(gm, col, inputs)
+            else:
+                with torch.no_grad():
+                    _run(gm, inputs)
+            col.end_stats_sample(s, ids_all[s:s + 1] if ids_all is not None else None, lm.tokenizer)
+            col.deltas, col.zs = {}, {}
+            _emit(progress, "statistics", s + 1, data.samples)
+        # ---- pass 2: HeSS gradients on shorter windows
+        if rs["gradients"] and not combined:
+            for s in range(grad_n):
+                col.mode = _Mode(delta=True, keep_delta=True, grad=True)
+                _grad_step(gm, col, data.row(s, grad_len))
+                _emit(progress, "gradients", s + 1, grad_n)
+        # ---- pass 3: per-layer sensitivity
+        if rs["sensitivity"]:
+            _sensitivity(gm, col, data, int(rs["sens_samples"]), int(rs["sens_seq_len"]), st, lm_loss, progress)
+    log.info("profiled %s: %d sites, %d samples in %.1f s", lm.name, L, data.samples, time.perf_counter() - t0)
+    return _build(lm, cap, col, data, rs)
+
+
+def _grad_step(gm: torch.fx.GraphModule, col: Collector, inputs: tuple) -> None:
+    """Forward with z-leaves, then one backward per HeSS error term (CE on the text, CE on the
+    dense argmax predictions)."""
+    ids = inputs[0]
+    with torch.enable_grad():
+        logits = gm(*inputs)
+        lg = logits[0, :-1]
+        l_ce = F.cross_entropy(lg, ids[0, 1:])
+        l_ps = F.cross_entropy(lg, lg.detach().argmax(dim=-1))
+        order = sorted(col.zs)
+        zs = [col.zs[i] for i in order]
+        g1 = torch.autograd.grad(l_ce, zs, retain_graph=True, allow_unused=True)
+        g2 = torch.autograd.grad(l_ps, zs, allow_unused=True)
+    full = lambda gl: [dict(zip(order, gl)).get(i) for i in range(len(col.sites))]  # noqa: E731
+    col.add_hess({"ce": full(g1), "pseudo_ce": full(g2)})
+    del logits, l_ce, l_ps
+
+
+def _sensitivity(gm: torch.fx.GraphModule, col: Collector, data: CalibrationData, n: int, length: int,
+                 st: ProfileSettings, lm_loss: bool, progress: Optional[ProgressFn]) -> None:
+    bt = get_variant("block_topk")
+    params = bt.params_from({"keep": st.ref_keep, "block_size": st.block_size, "sink_blocks": st.sink_blocks,
+                             "local_blocks": st.local_blocks})
+    L = len(col.sites)
+    total = n * (L + 1)
+    done = 0
+    for s in range(n):
+        inputs = data.row(s, length if data.is_text else None)
+        col.mode = _Mode()
+        with torch.no_grad():
+            ref = gm(*inputs)
+            base = causal_lm_ce(ref, inputs[0]) if lm_loss else 0.0
+            done += 1
+            _emit(progress, "sensitivity", done, total)
+            for i in range(L):
+                col.mode = _Mode(policy={i: (bt, params, None)})
+                col.produced = {}
+                out = gm(*inputs)
+                err = rel_l2(out, ref)
+                col.acc[i].sens_l2.append(err)
+                col.acc[i].sens.append(causal_lm_ce(out, inputs[0]) - base if lm_loss else err)
+                done += 1
+                _emit(progress, "sensitivity", done, total)
+                del out
+        col.produced = {}
+    col.mode = _Mode()
+
+
+def _mean_or_none(x: list[float]) -> Optional[float]:
+    return float(np.mean(x)) if x else None
+
+
+def _build(lm: LoadedModel, cap: Captured, col: Collector, data: CalibrationData, rs: dict[str, Any]) -> Profile:
+    L = len(cap.sites)
+    grad = bool(rs["gradients"])
+    # HeSS: normalise each term over all heads of all sites
+    hess_terms: list[dict[str, np.ndarray]] = [{} for _ in range(L)]
+    hess = [np.zeros(a.heads) for a in col.acc]
+    if grad:
+        for term in HESS_TERMS:
+            raw = [a.hess_sq[term] / max(a.hess_n, 1) for a in col.acc]
+            tot = float(sum(r.sum() for r in raw))
+            for i, r in enumerate(raw):
+                hess_terms[i][term] = r
+                hess[i] = hess[i] + (r / tot if tot > 0 else np.full_like(r, 1.0 / sum(a.heads for a in col.acc)))
+    proxy = [a.d2 / np.maximum(a.o2, 1e-300) for a in col.acc]
+    if not grad:
+        tot = float(sum(p.sum() for p in proxy))
+        nh = sum(a.heads for a in col.acc)
+        hess = [p / tot if tot > 0 else np.full_like(p, 1.0 / nh) for p in proxy]
+    sites: list[SiteProfile] = []
+    hr: list[float] = []
+    for i, (a, s) in enumerate(zip(col.acc, cap.sites)):
+        f90 = np.concatenate(a.f90, axis=0) if a.f90 else np.ones((1, a.heads))
+        f95 = np.concatenate(a.f95, axis=0) if a.f95 else np.ones((1, a.heads))
+        g90 = np.concatenate(a.g90, axis=0) if a.g90 else np.ones((1, a.groups))
+        g90m = np.asarray(iqr_clip_mean(g90, axis=0))
+        hr.append(float(g90m.mean()))
+        rows = max(a.rows, 1)
+        sites.append(SiteProfile(
+            name=s.name, layer=s.layer, heads=s.heads, kv_heads=a.groups, head_dim=s.head_dim, causal=s.causal,
+            steps=int(f90.shape[0]),
+            mass_fraction_90=np.asarray(iqr_clip_mean(f90, axis=0)).tolist(),
+            mass_fraction_95=np.asarray(iqr_clip_mean(f95, axis=0)).tolist(),
+            mass_fraction_90_kv=g90m.tolist(), hash_ratio=hr[-1],
+            coverage=(a.cov_sum / max(a.cov_n, 1)).tolist(),
+            entropy=(a.ent_sum / rows).tolist(), entropy_max=a.entmax_sum / rows,
+            entropy_normalized=(a.ent_norm_sum / max(a.ent_norm_rows, 1)).tolist(),
+            local_mass=(a.local_sum / rows).tolist(),
+            primary_sink_mass=(a.sink0_sum / max(a.sink0_rows, 1)).tolist(),
+            sink_score=a.sink_score_sum / max(a.sink_samples, 1),
+            secondary_sinks=a.secondary / max(a.sink_samples, 1),
+            hess=np.asarray(hess[i]).tolist(),
+            hess_terms={k: v.tolist() for k, v in hess_terms[i].items()},
+            hess_proxy=proxy[i].tolist(),
+            sensitivity=_mean_or_none(a.sens), sensitivity_rel_l2=_mean_or_none(a.sens_l2)))
+    if col.overlap_ok and col.overlap_masks:
+        masks = np.concatenate(col.overlap_masks, axis=0)  # [T, L, G, nkb]
+        og = directed_overlap(masks)  # [G, L, L]
+        om = og.min(axis=0)
+        om[np.arange(L), np.arange(L)] = 1.0
+    else:
+        G = max(1, min(a.groups for a in col.acc))
+        og = np.stack([np.eye(L)] * G)
+        om = np.eye(L)
+    secondary = sorted(col.secondary, key=lambda d: (-d["max_score"], d["sample"], d["position"]))
+    sinks = {
+        "primary_position": 0,
+        "primary_score": [float(np.mean(x)) if x else 0.0 for x in col.sink_primary],
+        "secondary_count": len(secondary),
+        "secondary": secondary[:64],
+        "thresholds": {"ratio_to_median": rs["sink_ratio"], "min_score": rs["sink_min_score"],
+                       "cos_to_first": rs["sink_cos"], "min_queries": rs["sink_min_queries"]},
+        "alignment_proxy": "input of the site's query projection (normalised residual stream for pre-norm models)",
+    }
+    return Profile(
+        model_fingerprint=lm.fingerprint(), data_fingerprint=data.fingerprint,
+        model={"name": lm.name, "kind": lm.kind, "sites": L, "source": lm.source},
+        data=data.describe(), settings=rs, sites=sites,
+        overlap=om.tolist(), overlap_per_kv_head=og.tolist(), hash_ratios=hr,
+        layer_sensitivity=[s.sensitivity for s in sites], sinks=sinks)
+
+
+# --------------------------------------------------------------------------- policy evaluation
+
+def policy_modes(cap: Captured, policy: Optional[Policy]) -> dict[int, tuple[Any, VariantParams, Optional[int]]]:
+    """site index → (variant, params, anchor index) for every non-dense site of ``policy``."""
+    if policy is None:
+        return {}
+    order = {s.name: i for i, s in enumerate(cap.sites)}
+    out: dict[int, tuple[Any, VariantParams, Optional[int]]] = {}
+    for name, ch in policy.sites.items():
+        if name not in order:
+            raise BadInput(f"the policy names site {name} which this model does not have", "plan for this model")
+        if ch.variant == "dense" and not ch.modulators:
+            continue
+        if ch.modulators:
+            raise BadInput(f"site {name} composes modulators, which the profiler's evaluator does not run",
+                           "evaluate modulated policies with `surgeon verify`")
+        var = get_variant(ch.variant)
+        anchor = order.get(ch.block_mask_from) if ch.block_mask_from else None
+        out[order[name]] = (var, var.params_from(ch.params), anchor)
+    return out
+
+
+def evaluate_policies(lm: LoadedModel, cap: Captured, policies: dict[str, Optional[Policy]],
+                      data: CalibrationData) -> dict[str, dict[str, float]]:
+    """Run each policy (None = dense) on every row of ``data``; returns per policy the mean
+    CE (causal LMs; else NaN), its increase over dense and the mean relative L2 error of the
+    output (logits / hidden states) versus dense."""
+    col = Collector(cap, ProfileSettings(samples=1, seq_len=max(16, data.seq_len or 16)))
+    gm = instrument(cap, col)
+    lm_loss = lm.kind == "causal-lm"
+    modes = {k: policy_modes(cap, p) for k, p in policies.items()}
+    res: dict[str, dict[str, list[float]]] = {k: {"ce": [], "rel_l2": []} for k in policies}
+    base_ce: list[float] = []
+    with torch.no_grad():
+        for s in range(data.samples):
+            inputs = data.row(s)
+            col.mode = _Mode()
+            ref = gm(*inputs)
+            base_ce.append(causal_lm_ce(ref, inputs[0]) if lm_loss else float("nan"))
+            for k in policies:
+                col.mode = _Mode(policy=modes[k])
+                col.produced = {}
+                out = gm(*inputs)
+                res[k]["ce"].append(causal_lm_ce(out, inputs[0]) if lm_loss else float("nan"))
+                res[k]["rel_l2"].append(rel_l2(out, ref))
+            col.produced = {}
+    dense_ce = float(np.mean(base_ce))
+    return {k: {"ce": float(np.mean(v["ce"])), "ce_increase": float(np.mean(v["ce"])) - dense_ce,
+                "rel_l2": float(np.mean(v["rel_l2"])), "dense_ce": dense_ce} for k, v in res.items()}
+
+
+def heldout_data(lm: LoadedModel, texts_heldout: Optional[Sequence[str]], samples: int, seq_len: int,
+                 seed: int = 0) -> CalibrationData:
+    """Held-out rows: from ``texts_heldout`` (all of it is held-out text: no alternation) or, when
+    None, the built-in corpus's ``heldout`` split."""
+    if texts_heldout is None:
+        return load_calibration(None, lm, samples, seq_len, "heldout", seed=seed)
+    from surgeon.profiles.data import _fingerprint, _pick_rows, _quiet_tokenizer
+
+    if lm.tokenizer is None:
+        raise BadInput(f"{lm.name} has no tokenizer", "held-out texts need a text model")
+    if isinstance(texts_heldout, str):
+        texts_heldout = [texts_heldout]
+    with _quiet_tokenizer():
+        ids = lm.encode_texts([str(t) for t in texts_heldout], seq_len)
+    if ids.shape[0] < samples:
+        raise BadInput(f"the held-out texts give {ids.shape[0]} rows of {seq_len} tokens but {samples} are needed",
+                       "give more held-out text or fewer samples")
+    pick = _pick_rows(int(ids.shape[0]), samples, seed)
+    x = ids[pick].contiguous()
+    return CalibrationData(inputs=(x, torch.ones_like(x)), source="texts", split="heldout",
+                           fingerprint=_fingerprint("heldout", x), seq_len=seq_len,
+                           tokens_available=int(ids.numel()), documents=len(texts_heldout),
+                           rows_available=int(ids.shape[0]), row_indices=pick)
