@@ -144,3 +144,31 @@ def evaluate(model_or_dir: str, *, data: Optional[str] = None, seq_len: int = 10
     cal = load_calibration(data, lm, samples, seq, split="heldout")
     ev = evaluate_module(module, lm.kind, cal.inputs, seq_len=seq, data=cal.source + ":heldout", dense_module=dense)
     return ev.to_dict()
+
+
+# --------------------------------------------------------------------------- profile
+
+def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = None, samples: int = 8,
+            seq_len: int = 2048, block_size: int = 64, seed: int = 0, out: Optional[Path | str] = "profile.json",
+            report: Optional[Path | str] = "report.html", budget: float = 0.15, force: bool = False,
+            progress: Any = None, **options: Any):
+    """Calibrate MODEL: statistics per site/head, write profile.json and report.html (with the
+    policy at ``budget``). Outputs are checked before any work and written atomically."""
+    from surgeon.artifacts import check_writable_output
+    from surgeon.profiles.collect import profile as _profile
+    from surgeon.profiles.plan import plan as _plan
+    from surgeon.profiles.report import write_report
+
+    for p in (out, report):
+        if p is not None:
+            check_writable_output(Path(p), force)
+    lm = _load(model) if isinstance(model, str) else model
+    cap = _capture(lm)
+    prof = _profile(lm, cap, data_path=data, samples=samples, seq_len=seq_len, block_size=block_size, seed=seed,
+                    progress=progress, **options)
+    pol = _plan(prof, budget)
+    if out is not None:
+        prof.save(Path(out), force=force)
+    if report is not None:
+        write_report(prof, pol, Path(report), force=force)
+    return prof, pol

@@ -123,6 +123,44 @@ class _Steps:
 
 @app.command()
 @guarded
+def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+            data: Optional[str] = typer.Option(None, "--data", help="text file, folder of .txt, JSONL with 'text', or "
+                                               "a folder of images (vision); default: the built-in offline corpus"),
+            samples: int = typer.Option(8, "--samples", help="calibration samples"),
+            seq_len: int = typer.Option(2048, "--seq-len", help="tokens per sample"),
+            block_size: int = typer.Option(64, "--block-size", help="key/query block size for block statistics"),
+            out_path: Path = typer.Option(Path("profile.json"), "--out", help="profile artifact"),
+            report: Path = typer.Option(Path("report.html"), "--report", help="self-contained HTML report"),
+            seed: int = typer.Option(0, "--seed", help="random seed (same inputs and seed → identical profile)"),
+            budget: float = typer.Option(0.15, "--budget", help="budget of the policy shown in the report"),
+            force: bool = typer.Option(False, "--force", help="overwrite existing outputs")) -> None:
+    """Calibration profiling: HeSS, mass concentration, entropy, sinks, HyLRA overlap, layer sensitivity."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from surgeon import api
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=False) as prog:
+        tasks: dict[str, Any] = {}
+        setup = prog.add_task("loading and capturing", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            prog.update(setup, visible=False)
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(stage, total=total)
+            prog.update(tasks[stage], completed=done, total=total)
+
+        prof, pol = api.profile(model, data=data, samples=samples, seq_len=seq_len, block_size=block_size,
+                                seed=seed, out=out_path, report=report, budget=budget, force=force, progress=progress)
+    counts: dict[str, int] = {}
+    for ch in pol.sites.values():
+        counts[ch.variant] = counts.get(ch.variant, 0) + 1
+    out.print(f"profile → {out_path}   report → {report}")
+    out.print(f"policy at budget {budget}: " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+
+
+@app.command()
+@guarded
 def rewrite(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
             profile: Optional[Path] = typer.Option(None, "--profile", help="profile.json from `surgeon profile`"),
             budget: Optional[float] = typer.Option(None, "--budget",
@@ -181,6 +219,53 @@ def eval_cmd(model_or_dir: str = typer.Argument("smollm2-135m", help="a model, o
         out.print(f"perplexity {res['ppl']:.4f} over {res['tokens']} tokens (seq_len {res['seq_len']}, {res['data']})")
     else:
         out.print(f"embedding cosine vs dense {res['cosine']:.6f} over {res['tokens']} tokens ({res['data']})")
+
+
+@app.command()
+@guarded
+def export(rewritten_dir: Path = typer.Argument(..., metavar="DIR", help="a folder from `surgeon rewrite`"),
+           fmt: str = typer.Option("onnx", "--format", help="onnx | tensorrt"),
+           out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder (default: DIR-onnx / DIR-tensorrt)"),
+           opset: int = typer.Option(18, "--opset", help="ONNX opset"),
+           no_verify: bool = typer.Option(False, "--no-verify", help="skip the onnxruntime comparison"),
+           precision: str = typer.Option("fp16", "--precision", help="TensorRT precision: fp16 | bf16 | fp32"),
+           force: bool = typer.Option(False, "--force", help="overwrite --out")) -> None:
+    """Export a rewritten program to ONNX (surgeon ops as ONNX functions), verified in onnxruntime;
+    with --format tensorrt also a TensorRT bundle, and the engine where TensorRT and a GPU exist."""
+    from surgeon.export.pipeline import export_rewritten
+
+    steps = _Steps()
+    try:
+        man = export_rewritten(rewritten_dir, fmt=fmt, out=out_dir, opset=opset, verify=not no_verify, force=force,
+                               progress=steps, precision=precision)
+    finally:
+        steps.stop()
+    md = man.model_dump(mode="json")
+    out.print(f"exported → {md.get('out') or out_dir or ''}")
+    for k in ("surgeon_ops", "verified", "engine", "reason"):
+        if k in md and md[k] is not None:
+            out.print(f"  {k}: {md[k]}")
+
+
+@app.command()
+@guarded
+def build(recipe: Optional[Path] = typer.Option(None, "--recipe", help="build.yaml (default: the embedded "
+                                                "smollm2-135m, built-in corpus, budget 0.15)"),
+          out_dir: Path = typer.Option(Path("build"), "--out", help="build folder (stages cached by fingerprints)"),
+          json_out: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
+    """profile → rewrite → export in one command (CI model-build stage); writes OUT/summary.json.
+
+    Stages whose inputs are unchanged since the last run are skipped. Exit 1 if a fidelity limit
+    in the recipe (max_ppl_increase) or the export verification fails."""
+    from surgeon.build import build as _build
+
+    summary = _build(recipe, out_dir, say=lambda m: err.print(m, markup=False, highlight=False))
+    if json_out:
+        print(json.dumps(summary, indent=2))
+        return
+    out.print(f"build ok in {summary['seconds']:.0f} s → {out_dir}/summary.json")
+    for st in summary["stages"]:
+        out.print(f"  {st['name']:8s} {st['status']:7s} {st['seconds']:7.1f} s  {', '.join(st['outputs'])}")
 
 
 def main() -> None:
