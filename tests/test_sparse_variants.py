@@ -183,11 +183,11 @@ def test_token_topk_selection_matches_spec(causal, keep_frac):
 
 def test_token_topk_decode_shapes_and_ragged_chunks():
     var = TokenTopK()
-    q, k, v = _qkv(2, 6, 2, 37, nk=101)
-    pad = _pad(2, 101, (0, 6))
+    q, k, v = _qkv(2, 6, 2, 37, nk=103)  # offset 66: chunks not aligned to 16
+    pad = _pad(2, 103, (0, 6))
     p = TokenTopKParams(n_init=4, n_local=9, top_k=11, chunk=16)
     ctx = _ctx(True, pad=pad)
-    keep = selection_keep(select_tokens(q, k, ctx, p), 37, 101, p.chunk)[:, 0]
+    keep = selection_keep(select_tokens(q, k, ctx, p), 37, 103, p.chunk)[:, 0]
     assert torch.equal(keep, _token_topk_brute(q, k, ctx, p))
     _check_fast(var, q.float(), k.float(), v.float(), ctx, p, tol=1e-5)
     # decode: a single query row
@@ -252,8 +252,8 @@ def test_dhsa_length_normalised_reps():
 @pytest.mark.parametrize("causal", [True, False])
 def test_dhsa_fast_paths_odd_shapes(causal):
     var = DHSA()
-    q, k, v = _qkv(2, 6, 2, 45, nk=77, dtype=torch.float32) if causal else _qkv(2, 6, 2, 77, dtype=torch.float32)
-    pad = _pad(2, 77, (0, 10))
+    q, k, v = _qkv(2, 6, 2, 45, nk=79, dtype=torch.float32) if causal else _qkv(2, 6, 2, 79, dtype=torch.float32)
+    pad = _pad(2, 79, (0, 10))
     _check_fast(var, q, k, v, _ctx(causal, pad=pad), DHSAParams(chunk=16, budget=0.25), tol=1e-5)
     _check_fast(var, q, k, v, _ctx(causal, pad=pad), DHSAParams(chunk=16, budget_tokens=20, sink_chunks=0,
                                                                local_chunks=2), tol=1e-5)
@@ -266,7 +266,7 @@ def test_pyramid_reference_matches_triton_reference(causal):
     """Our vectorised reference and the Triton kernel's loop reference agree on the same levels."""
     from surgeon.kernels.triton_pyramid import pyramid_attention_reference
 
-    q, k, v = _qkv(2, 4, 2, 70, nk=150) if causal else _qkv(2, 4, 2, 150)
+    q, k, v = _qkv(2, 4, 2, 70, nk=153) if causal else _qkv(2, 4, 2, 150)  # causal offset 83
     pad = _pad(2, k.shape[2], (0, 7))
     ctx = _ctx(causal, pad=pad)
     p = PyramidParams(block_size=16, intervals=((1, 0.0, 0.2), (2, 0.2, 0.4), (4, 0.4, 0.6), (8, 0.6, 0.9)))

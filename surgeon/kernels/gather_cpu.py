@@ -1,8 +1,13 @@
-"""Gather attention on the CPU for token-, region- and level-sparse variants (plain torch).
+"""Gather attention on the CPU for token-, chunk-, region- and level-sparse variants.
 
-Shared by ``token_topk``, ``pyramid`` and ``routing``. Nothing here materialises an Nq×Nk
-score matrix for all heads: queries are processed in groups of consecutive rows, and each
-group attends only to the keys listed for it in an index tensor.
+Shared by ``token_topk``, ``dhsa`` (its ``gather`` path), ``pyramid``, ``routing`` and ``knn``
+(:func:`attend_lse` / :func:`merge_lse`). Nothing here materialises an Nq×Nk score matrix for
+all heads: queries are processed in groups of consecutive rows, and each group attends only
+to the keys listed for it in an index tensor. The softmax runs on PyTorch's CPU flash kernel
+(``aten::_scaled_dot_product_flash_attention_for_cpu``, which also returns the log-sum-exp
+used to merge a group's gathered keys with its causal block); a row-broadcast additive mask
+carries padding, empty slots and pooled-key biases at no extra cost. Without that kernel
+(other devices, or ``fused=False``) the same math runs in plain torch.
 
 Conventions (see :mod:`surgeon.variants.base`): q [B,Hq,Nq,D]; the key *bank* is
 [B,Hkv,M,D] (M = Nk for plain keys; larger when pooled keys are appended, as in ``pyramid``);
@@ -13,6 +18,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+from surgeon.errors import BadInput
 
 NEG_INF = float("-inf")
 
@@ -44,8 +51,29 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         lse = torch.logsumexp(sc, dim=-1)
         lse_f = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         out = torch.matmul(torch.exp(sc - lse_f[..., None]), v)  # exactly 0 on empty rows
-    lse = torch.where(row_ok, lse, torch.full((), NEG_INF, dtype=lse.dtype, device=lse.device))
+    if not bool(row_ok.all()):
+        lse = torch.where(row_ok, lse, torch.full((), NEG_INF, dtype=lse.dtype, device=lse.device))
+        out = torch.where(row_ok[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out, lse
+
+
+def _plan_runs(used: list[int], elems_per_slot: int, elems_fixed: int) -> list[tuple[int, int, int]]:
+    """Split groups into runs [(start, stop, slots)]: bounded gather memory, and a run's slot
+    count (its fullest list) wastes at most ~1/8 of the run's work on padding."""
+    runs = []
+    i, n = 0, len(used)
+    while i < n:
+        j, sc = i + 1, used[i]
+        while j < n:
+            s2 = max(sc, used[j])
+            if (j + 1 - i) * (s2 * elems_per_slot + elems_fixed) > _CHUNK_GATHER_ELEMS:
+                break
+            if s2 > sc and (s2 - sc) * (j - i) * 8 > s2 * (j + 1 - i):
+                break
+            j, sc = j + 1, s2
+        runs.append((i, j, sc))
+        i = j
+    return runs
 
 
 def merge_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
@@ -67,6 +95,7 @@ def gathered_attention(
     *,
     group: int,
     scale: float,
+    unit: int = 1,
     key_bias: Optional[torch.Tensor] = None,
     diag_start: Optional[torch.Tensor] = None,
     diag_len: int = 0,
@@ -77,10 +106,12 @@ def gathered_attention(
 
     q [B,Hq,Nq,D]; bank_k [B,Hkv,M,D]; bank_v [B,Hkv,M,Dv]; the first Nk bank entries are the
     plain keys (bank index = position), pooled keys may follow.
-    idx long [B, Hs, ceil(Nq/group), S] with Hs ∈ {1, Hq}: bank indices each group attends to
-    with no causal check (every listed key must precede every row of the group); Hs = 1 means
-    shared by all heads, so each KV head's gather serves its whole query-head group. Entries
-    < 0 are empty slots.
+    idx long [B, Hs, ceil(Nq/group), S] with Hs ∈ {1, Hq}: the *units* of ``unit`` consecutive
+    bank entries (unit u = entries [u·unit, (u+1)·unit); M must be a multiple of ``unit``) each
+    group attends to, with no causal check (every listed key must precede every row of the
+    group). Hs = 1 means shared by all heads, so each KV head's gather serves its whole
+    query-head group. Entries < 0 are empty slots. Gathering whole blocks (unit > 1) moves
+    contiguous memory and is much faster than gathering single keys.
     Causal part (``diag_start`` [ng] long, ``diag_len`` > 0): group a also attends to the plain
     keys at positions ``diag_start[a] + t``, t < diag_len, under the token-level causal mask
     (query row i sits at position ``q_offset + i``; positions ≥ Nk are dropped). The two key
@@ -99,9 +130,13 @@ def gathered_attention(
     has_diag = diag_start is not None and diag_len > 0
     if nq == 0 or b == 0 or (s == 0 and not has_diag):
         return q.new_zeros(b, hq, nq, dv)
+    if m % unit:
+        raise BadInput(f"gathered_attention: bank size {m} is not a multiple of unit {unit}",
+                       "pad the key bank to a multiple of the gather unit")
     shared = hs == 1
     hh = hkv if shared else hq
     rows = g * group if shared else group
+    mu = m // unit
 
     # queries laid out [B, ng, hh, rows, D] (a group's heads side by side for the kernel)
     qpad = ng * group - nq
@@ -113,10 +148,8 @@ def gathered_attention(
     else:
         qs = qs.view(b, hq, ng, group, d).transpose(1, 2)
     idx_t = idx.transpose(1, 2)  # [B, ng, Hs, S]
-    kflat = bank_k.reshape(b * hkv * m, d)
-    vflat = bank_v.reshape(b * hkv * m, dv)
     head_kv = torch.arange(hh, device=dev) if shared else torch.arange(hq, device=dev) // g
-    base = ((torch.arange(b, device=dev)[:, None] * hkv + head_kv[None, :]) * m)[:, None, :, None]  # [B,1,hh,1]
+    bh = (torch.arange(b, device=dev)[:, None] * hkv + head_kv[None, :])[:, None, :, None]  # [B,1,hh,1]
     bidx = torch.arange(b, device=dev)[:, None, None, None]
     bias_t = None if key_bias is None else key_bias.to(q.dtype)
     row_pos = torch.arange(rows, device=dev) % group
@@ -125,39 +158,50 @@ def gathered_attention(
         # real plain keys before each position, for the diag rows' emptiness test
         kreal = (torch.ones(b, m, dtype=torch.bool, device=dev) if bias_t is None else bias_t > NEG_INF)
         cum = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=dev), kreal.long().cumsum(dim=1)], dim=1)
+        dunit = unit if (dl % unit == 0 and bool((diag_start % unit == 0).all())) else 1
+        kd_flat = bank_k.reshape(b * hkv * (m // dunit), dunit * d)
+        vd_flat = bank_v.reshape(b * hkv * (m // dunit), dunit * dv)
 
+    ku_flat = bank_k.reshape(b * hkv * mu, unit * d)
+    vu_flat = bank_v.reshape(b * hkv * mu, unit * dv)
     out = q.new_empty(b, ng, hh, rows, dv)
-    per_group = max(1, b * hh * (s + dl) * max(d, dv))
-    step = max(1, _CHUNK_GATHER_ELEMS // per_group)
-    for c0 in range(0, ng, step):
-        c1 = min(ng, c0 + step)
+    # used slots first, so a run of groups only gathers as many slots as its fullest list
+    idx_t = torch.sort(idx_t, dim=-1, descending=True).values
+    used = (idx_t >= 0).sum(dim=-1).amax(dim=(0, 2)).tolist() if s else [0] * ng  # [ng]
+    for c0, c1, sc in _plan_runs(used, b * hh * max(d, dv) * unit, b * hh * max(d, dv) * dl):
         cg = c1 - c0
         r = b * cg
         qc = qs[:, c0:c1].reshape(r, hh, rows, d)
         o = l1 = None
-        if s:
-            ic = idx_t[:, c0:c1]  # [B, cg, Hs, S]
+        st = sc * unit
+        if sc:
+            ic = idx_t[:, c0:c1, :, :sc]  # [B, cg, Hs, sc]
             valid = ic >= 0
             icc = ic.clamp_min(0)
-            flat = (base + icc).reshape(-1)  # [B, cg, hh, S]
-            kg = kflat.index_select(0, flat).view(r, hh, s, d)
-            vg = vflat.index_select(0, flat).view(r, hh, s, dv)
+            flat = (bh * mu + icc).reshape(-1)  # [B, cg, hh, S]
+            kg = ku_flat.index_select(0, flat).view(r, hh, st, d)
+            vg = vu_flat.index_select(0, flat).view(r, hh, st, dv)
             cm = torch.zeros(valid.shape, dtype=q.dtype, device=dev).masked_fill_(~valid, NEG_INF)
+            if unit > 1:
+                cm = cm[..., None].expand(*cm.shape, unit)
             if bias_t is not None:
-                cm = cm + bias_t[bidx, icc]
-            cm = cm.view(r, cm.shape[2], 1, s)  # broadcast over rows (and over heads when shared)
+                bu = bias_t.view(b, mu, unit)[bidx, icc]  # [B, cg, Hs, S, unit]
+                cm = cm + (bu if unit > 1 else bu[..., 0])
+            cm = cm.reshape(r, valid.shape[2], 1, st)  # broadcast over rows (and over heads when shared)
             o, l1 = attend_lse(qc, kg, vg, cm, scale, (cm > NEG_INF).any(dim=-1), fused=fused)
         if has_diag:
             pos = diag_start[c0:c1, None] + torch.arange(dl, device=dev)[None, :]  # [cg, dl]
-            posc = pos.clamp(0, m - 1)
-            flat = (base + posc[None, :, None, :]).reshape(-1)  # [B, cg, hh, dl]
-            kd = kflat.index_select(0, flat).view(r, hh, dl, d)
-            vd = vflat.index_select(0, flat).view(r, hh, dl, dv)
+            nu = dl // dunit
+            du = (diag_start[c0:c1, None] // dunit + torch.arange(nu, device=dev)[None, :]).clamp(0, m // dunit - 1)
+            flat = (bh * (m // dunit) + du[None, :, None, :]).reshape(-1)  # [B, cg, hh, nu]
+            kd = kd_flat.index_select(0, flat).view(r, hh, dl, d)
+            vd = vd_flat.index_select(0, flat).view(r, hh, dl, dv)
             qp = q_offset + (torch.arange(c0, c1, device=dev) * group)[:, None] + row_pos[None, :]  # [cg, rows]
             bad = pos[:, None, :] > qp[:, :, None]  # [cg, rows, dl]
             dm = torch.zeros(bad.shape, dtype=q.dtype, device=dev).masked_fill_(bad, NEG_INF)
             if bias_t is not None:
-                dm = (dm[None] + bias_t[:, posc][:, :, None, :]).reshape(r, 1, rows, dl)  # [B·cg,1,rows,dl]
+                pb = bias_t[:, pos.clamp(0, m - 1)]  # [B, cg, dl]
+                dm = (dm[None] + pb[:, :, None, :]).reshape(r, 1, rows, dl)
             else:
                 dm = dm[None].expand(b, cg, rows, dl).reshape(r, 1, rows, dl)
             lo = diag_start[c0:c1, None].clamp(0, m)
@@ -165,7 +209,10 @@ def gathered_attention(
             ok = (cum[:, torch.maximum(hi, lo)] > cum[:, lo.expand_as(hi)]).reshape(r, 1, rows)
             o2, l2 = attend_lse(qc, kd, vd, dm, scale, ok, fused=fused)
             o = o2 if o is None else merge_lse(o, l1, o2, l2)
-        out[:, c0:c1] = o.view(b, cg, hh, rows, dv)
+        if o is None:  # no listed key in this run and no causal part
+            out[:, c0:c1] = 0
+        else:
+            out[:, c0:c1] = o.view(b, cg, hh, rows, dv)
     if shared:
         out = out.view(b, ng, hkv, g, group, dv).permute(0, 2, 3, 1, 4, 5).reshape(b, hq, ng * group, dv)
     else:

@@ -24,6 +24,12 @@ block grid of :mod:`surgeon.kernels.blocksparse_cpu`).
 * Budget: N_b = ``budget_tokens``, or ⌈budget · visible⌉ with visible = the keys the query
   chunk can see (causal: up to its last position; non-causal: Nk), so the budget never
   depends on tokens after the chunk. ``budget = 1`` is dense attention.
+
+Fast paths: ``blocksparse`` (the shared block gather kernel of
+:func:`surgeon.kernels.blocksparse_cpu.block_sparse_attention`, fastest on the CPU) and
+``gather`` (whole chunks gathered per (query chunk, head) by
+:func:`surgeon.kernels.gather_cpu.gathered_attention` on the CPU flash kernel, with the chunks
+crossing the causal boundary as a causal block merged by log-sum-exp). Neither builds Nq×Nk.
 """
 from __future__ import annotations
 
@@ -123,27 +129,31 @@ def select_chunks(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: DHSAPar
 def chunk_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor,
                            ctx: AttnContext, chunk: int) -> torch.Tensor:
     """Attention over selected key chunks with :func:`gathered_attention`: the chunks before
-    the causal boundary are gathered per (query chunk, head), the chunks crossing it run as a
-    contiguous range under the causal mask. q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D|Dv],
+    the causal boundary are gathered whole per (query chunk, head), the chunks crossing it run
+    as a contiguous range under the causal mask. q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D|Dv],
     sel bool [B,Hq,nqc,nkc] → [B,Hq,Nq,Dv]."""
     b, hq, nq, _ = q.shape
-    nk = k.shape[2]
+    hkv, nk = k.shape[1], k.shape[2]
     geo = block_geometry(nq, nk, chunk, chunk, ctx.causal, q.device)
     nkc = geo.nkb
+    tail = nkc * chunk - nk
+    bias = padding_bias(ctx.key_padding, q.dtype)
+    if tail:
+        k = torch.cat([k, k.new_zeros(b, hkv, tail, k.shape[3])], dim=2)
+        v = torch.cat([v, v.new_zeros(b, hkv, tail, v.shape[3])], dim=2)
+        bias = torch.zeros(b, nk, dtype=q.dtype, device=q.device) if bias is None else bias
+        bias = torch.cat([bias, bias.new_full((b, tail), NEG_INF)], dim=1)
     jb = torch.arange(nkc, device=q.device)
     past = sel & geo.allowed & ~geo.partial
     cnt = int(past.sum(dim=-1).max().item()) if past.numel() else 0
     blocks = torch.sort(torch.where(past, jb, -1), dim=-1).values[..., nkc - cnt:]  # [B,Hq,nqc,cnt]
-    tok = blocks[..., None] * chunk + torch.arange(chunk, device=q.device)
-    tok = torch.where((blocks[..., None] >= 0) & (tok < nk), tok, torch.full_like(tok, -1)).flatten(-2)
     diag_start, diag_len = None, 0
     n_part = geo.partial.sum(dim=-1)
     if ctx.causal and bool((n_part > 0).any()):
         diag_start = torch.where(geo.partial, jb, nkc).amin(dim=-1).clamp(max=nkc - 1) * chunk
         diag_len = int(n_part.max().item()) * chunk
-    return gathered_attention(q, k, v, tok, group=chunk, scale=ctx.scale,
-                              key_bias=padding_bias(ctx.key_padding, q.dtype), diag_start=diag_start,
-                              diag_len=diag_len, q_offset=nk - nq)
+    return gathered_attention(q, k, v, blocks, group=chunk, unit=chunk, scale=ctx.scale, key_bias=bias,
+                              diag_start=diag_start, diag_len=diag_len, q_offset=nk - nq)
 
 
 class DHSA(Variant):
@@ -181,7 +191,7 @@ class DHSA(Variant):
             record_density(ctx.site, self.name, req, block_mask_density(sel, counts))
 
     def fast_paths(self):
-        return {"gather": self._gather, "blocksparse": self._blocksparse}
+        return {"blocksparse": self._blocksparse, "gather": self._gather}
 
     def fast_available(self, name: str, q, ctx: AttnContext, p: VariantParams) -> bool:
         return not ctx.modulated and ctx.attn_mask is None

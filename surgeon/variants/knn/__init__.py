@@ -21,6 +21,12 @@ of all tokens" would leak future tokens); non-causal it is the mean over all rea
   site gets one stage. Modulation hooks (reference only): ``logit_fn`` edits the token
   logits, and the top-K is taken over the edited logits; ``prob_fn`` sees the token probabilities
   [B,Hq,Nq,Nk] (the context column is left as is), ``out_fn`` the final output.
+
+Fast path ``chunked``: ``_ROWS`` query rows at a time, the selection logits against the keys
+those rows can see ([B, Hkv, g·rows, span], never Nq×Nk for all rows), the per-row threshold by
+``topk``, then the CPU flash kernel under the kept-key mask, merged with the context column
+through the log-sum-exp. Top-K needs every logit, so the work stays O(N²): the path bounds
+memory but is slower than dense SDPA.
 """
 from __future__ import annotations
 
@@ -147,8 +153,9 @@ def _context_kv(k: torch.Tensor, v: torch.Tensor, ctx: AttnContext, nq: int) -> 
     b, hkv, nk, d = k.shape
     w = (torch.ones(b, nk, dtype=k.dtype, device=k.device) if ctx.key_padding is None
          else ctx.key_padding.to(k.dtype).expand(b, nk))
-    wk = k * w[:, None, :, None]
-    wv = v * w[:, None, :, None]
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    wk = torch.where(w[:, None, :, None] > 0, k, zero)  # where, not a product: padding may hold inf
+    wv = torch.where(w[:, None, :, None] > 0, v, zero)
     if ctx.causal:
         sel = torch.arange(nk - nq, nk, device=k.device)
         ks, vs, cnt = wk.cumsum(dim=2)[:, :, sel], wv.cumsum(dim=2)[:, :, sel], w.cumsum(dim=1)[:, sel]

@@ -33,6 +33,14 @@ this variant's GPU fast path):
   reference refuses a modulated context. A bool ``attn_mask`` is honoured exactly at level 1
   and lets a pooled group through only if it allows every real token of the group; a float
   ``attn_mask`` is refused.
+* Density (requested and achieved) is cost-weighted: a level-f block counts 1/f of its dense
+  pairs; ``keep_mask`` marks every pair whose key reaches the query at any level.
+
+Fast paths: ``gather`` (CPU; per (query block, head) one gathered list of pooled and
+full-resolution keys from a bank of all levels, in units of one level-8 group, with the
+``+ln c`` biases as a row-broadcast mask on the CPU flash kernel and the causal-boundary blocks
+as a causal block merged by log-sum-exp; never Nq×Nk) and ``triton`` (CUDA only: the kernel of
+:mod:`surgeon.kernels.triton_pyramid` on this variant's levels).
 """
 from __future__ import annotations
 
@@ -257,6 +265,7 @@ def pyramid_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lv: torch.
     nkb = lv.shape[-1]
     geo = _geometry(nq, nk, bs, ctx.causal, q.device)
     jb = torch.arange(nkb, device=q.device)
+    unit = bs // max(levels)  # gather unit: one level-max pooled block
     parts = []
     for f in sorted(levels, reverse=True):
         sel = (lv == f) & ~geo.partial
@@ -264,8 +273,9 @@ def pyramid_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lv: torch.
         if cnt == 0:
             continue
         blocks = torch.sort(torch.where(sel, jb, -1), dim=-1).values[..., nkb - cnt:]  # [B,Hq,nqb,cnt]
-        per = bs // f
-        tok = bank.start[f] + blocks[..., None] * per + torch.arange(per, device=q.device)
+        per = max(levels) // f  # units per level-f block
+        u = (bank.start[f] + blocks * (bs // f)) // unit
+        tok = u[..., None] + torch.arange(per, device=q.device)
         tok = torch.where(blocks[..., None] >= 0, tok, torch.full_like(tok, -1))
         parts.append(tok.flatten(-2))
     idx = torch.cat(parts, dim=-1) if parts else torch.full((b, hq, lv.shape[2], 0), -1, dtype=torch.long,
@@ -276,7 +286,7 @@ def pyramid_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lv: torch.
         first = torch.where(geo.partial, jb, nkb).amin(dim=-1).clamp(max=nkb - 1)
         diag_start = first * bs
         diag_len = int(n_part.max().item()) * bs
-    return gathered_attention(q, bank.k, bank.v, idx, group=bs, scale=ctx.scale, key_bias=bank.bias,
+    return gathered_attention(q, bank.k, bank.v, idx, group=bs, unit=unit, scale=ctx.scale, key_bias=bank.bias,
                               diag_start=diag_start, diag_len=diag_len, q_offset=nk - nq, fused=fused)
 
 

@@ -23,6 +23,11 @@ causal-correct extension; routing is meant for encoders (no fast path for causal
 
 ``topk = n_win²`` is dense attention. Not included: LePE / the depth-wise conv (a trained
 part of BiFormer), key/value downsampling.
+
+Fast path ``gather`` (non-causal only): the queries of each region (padded to the largest
+region) attend to the extra tokens plus the tokens of their routed regions, gathered once
+per KV head (:func:`surgeon.kernels.gather_cpu.gathered_attention`); extra-token queries run
+dense SDPA. Causal sites run the reference (it holds one head-summed Nq×Nk routing matrix).
 """
 from __future__ import annotations
 

@@ -26,8 +26,14 @@ p = Nk − Nq + i). Each chunk shares one key set across all its heads:
 * Budget: ``top_k`` candidates, or with ``keep > 0`` ⌈keep · E⌉ (a fraction of the keys the chunk
   can see, so the budget never depends on tokens after the chunk). ``top_k ≥ N`` is dense.
 * Ties in S are broken toward the lower position. Padding keys are never candidates and
-  never attended; the selection cache (cos ≥ θ reuse) and the optional max-pool of S are not
-  implemented (static export, disabled by default in TokenSelect).
+  never attended. Positions are absolute: with left padding the init keys may be padding
+  (and then attend nothing). The selection cache (cos ≥ θ reuse) and the optional max-pool
+  of S are not implemented (static export; the max-pool is off by default in TokenSelect).
+
+Fast path ``gather`` (:func:`surgeon.kernels.gather_cpu.gathered_attention`): the selection
+needs only the [B, Hq, ceil(Nq/chunk), Nk] fingerprint scores; each chunk's keys are gathered
+once per KV head ([B, Hkv, S, D], S = n_init + top_k + n_local) and attended by all of its query
+heads and rows at once, with the chunk's own keys as a causal block merged by log-sum-exp.
 """
 from __future__ import annotations
 
