@@ -23,6 +23,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/surgeon inspect smollm2-135m
+	$(BIN)/surgeon build --out $(DEMO_OUT)
+	@echo "profile: $(DEMO_OUT)/profile.json  report: $(DEMO_OUT)/report.html  rewritten: $(DEMO_OUT)/rewritten"
+	@echo "onnx: $(DEMO_OUT)/onnx  summary: $(DEMO_OUT)/summary.json"
 
 test: setup
 	$(BIN)/python -m pytest -q
