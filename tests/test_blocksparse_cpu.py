@@ -377,3 +377,63 @@ def test_block_density_override_matches_token_count(var, p):
         bm = var.make_block_mask(q, k, v, ctx, p) if var.consumes_block_mask else None
         assert var.achieved_density(q, k, v, ctx, p, bm) == pytest.approx(
             Variant.achieved_density(var, q, k, v, ctx, p, bm))
+
+
+# --------------------------------------------------------------------------- layouts, pooling, declines
+
+@pytest.mark.parametrize("var,p", [(BlockTopK(), BlockTopKParams(keep=0.3, block_size=16)),
+                                   (Reuse(), ReuseParams(block_size=16)),
+                                   (WindowSink(), WindowSinkParams(sink_tokens=3, window=20)),
+                                   (Delta(), DeltaParams(keep=0.3, page_size=8, q_block=16, score_queries=4)),
+                                   (DeltaSparse(), DeltaSparseParams(page_size=8, q_block=16, recent_pages=1))])
+def test_fast_paths_accept_transposed_inputs(var, p):
+    """Hugging Face passes q/k/v as transposes of [B, N, H, D]: non-contiguous inputs work."""
+    q, k, v = _qkv(b=2, nq=72, seed=17)
+    qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    assert not qt.is_contiguous()
+    ctx = AttnContext(causal=True, scale=0.3, kv_heads=2)
+    bm = var.make_block_mask(q, k, v, ctx, p) if var.consumes_block_mask else None
+    with use_impl("reference"):
+        want = var.run(q, k, v, ctx, p, bm)
+    (name,) = var.fast_paths()
+    with use_impl(name):
+        got = var.run(qt, kt, vt, ctx, p, bm)
+    if var.produces_block_mask:
+        assert torch.equal(got[1], want[1])
+        got, want = got[0], want[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_pooling_means_over_real_tokens():
+    q, k, _ = _qkv(b=2, hq=3, hkv=3, nq=45, seed=18)
+    pad = _pad(2, 45, (0, 20))
+    qb = bsk.pooled_queries(q, 16, causal=True, q_valid=pad)
+    # causal window of block 1: rows 1..16; in batch 1 only rows 20.. are real → rows none → zeros
+    torch.testing.assert_close(qb[0, :, 1], q[0, :, 1:17].mean(dim=1))
+    assert torch.equal(qb[1, :, 1], torch.zeros_like(qb[1, :, 1]))
+    torch.testing.assert_close(qb[1, :, 2], q[1, :, 20:33].mean(dim=1))
+    torch.testing.assert_close(qb[0, :, 0], q[0, :, 0])
+    nc = bsk.pooled_queries(q, 16, causal=False, q_valid=None)
+    torch.testing.assert_close(nc[0, :, 2], q[0, :, 32:45].mean(dim=1))  # ragged last block
+    kb, real = bsk.pooled_keys(k, 16, pad)
+    torch.testing.assert_close(kb[1, :, 1], k[1, :, 20:32].mean(dim=1))
+    assert real.tolist() == [[True, True, True], [False, True, True]]
+
+
+def test_fast_paths_decline_masks_and_modulation():
+    q, k, v = _qkv(nq=32)
+    plain = AttnContext(causal=True, scale=0.3, kv_heads=2)
+    masked = AttnContext(causal=True, scale=0.3, kv_heads=2, attn_mask=torch.ones(1, 1, 32, 32, dtype=torch.bool))
+    modulated = AttnContext(causal=True, scale=0.3, kv_heads=2, logit_fn=lambda z: z * 0.5)
+    for var in [BlockTopK(), Reuse(), WindowSink(), DeltaSparse()]:
+        p = var.example_params(32, 6)
+        (name,) = var.fast_paths()
+        assert var.fast_available(name, q, plain, p)
+        assert not var.fast_available(name, q, masked, p)
+        assert not var.fast_available(name, q, modulated, p)
+    # the reference honours a modulation hook: halving the logits changes the output
+    p = BlockTopKParams(keep=0.5, block_size=8)
+    with use_impl("auto"):
+        a, _ = BlockTopK().run(q, k, v, plain, p)
+        b_, _ = BlockTopK().run(q, k, v, modulated, p)
+    assert (a - b_).abs().max() > 1e-3

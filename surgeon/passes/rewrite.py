@@ -84,6 +84,14 @@ def validate_policy(policy: Policy, sites: list[Site]) -> None:
             if anchor is None or not get_variant(anchor.variant).produces_block_mask:
                 raise BadInput(f"anchor site {src} does not produce a block mask",
                                "give the anchor a variant that produces one (e.g. block_topk)")
+            av = get_variant(anchor.variant)
+            probe = torch.empty(1, 1, 1000, 1)
+            a_shape = av.block_mask_shape(probe, probe, av.params_from(anchor.params))
+            c_shape = var.block_mask_shape(probe, probe, var.params_from(ch.params))
+            if tuple(a_shape) != tuple(c_shape):
+                raise BadInput(f"site {name} reads {src}'s block mask with other block sizes "
+                               f"(blocks {tuple(c_shape[2:])} vs {tuple(a_shape[2:])} at 1000 tokens)",
+                               "give the consumer the same block_size (or q_block/page_size) as its anchor")
 
 
 def rewrite(cap: Captured, policy: Policy) -> RewriteResult:

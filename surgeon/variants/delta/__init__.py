@@ -147,7 +147,7 @@ def page_scores(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, page_size: i
         if ke <= 0:
             continue
         npc = num_blocks(ke, page_size)
-        qr = qs[:, :, r].view(b, hkv, g * cr, d)
+        qr = qs[:, :, r].reshape(b, hkv, g * cr, d)
         z = torch.matmul(qr, k[:, :, :ke].transpose(-1, -2)).view(b, hq, cr, ke)
         if ctx.causal:  # only keys after the earliest row can be in a row's future
             k0 = max(0, int(rpos.min().item()) + 1)
@@ -160,8 +160,10 @@ def page_scores(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, page_size: i
         if ctx.attn_mask is not None:
             am = ctx.attn_mask.expand(b, hq, nq, nk)[:, :, r, :ke]
             z = z.masked_fill(~am, NEG_INF) if am.dtype == torch.bool else z + am
-        pr = torch.softmax(z, dim=-1).amax(dim=1)  # max over heads of p_h: [B, cr, ke]
-        pr.nan_to_num_(nan=0.0)  # rows with no allowed key: probabilities 0
+        ph = torch.softmax(z, dim=-1)  # rows with no allowed key are NaN: probabilities 0
+        if ctx.attn_mask is not None:  # masks may differ per head: clean before the head max
+            ph.nan_to_num_(nan=0.0)
+        pr = ph.amax(dim=1).nan_to_num_(nan=0.0)  # max over heads of p_h: [B, cr, ke]
         pr.mul_(weight[:, c0:c1].reshape(b, cr, 1))
         if npc * page_size > ke:
             pr = torch.cat([pr, pr.new_zeros(b, cr, npc * page_size - ke)], dim=2)
