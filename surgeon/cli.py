@@ -46,6 +46,9 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except SurgeonError as e:
             if os.environ.get("SURGEON_DEBUG"):
                 raise
+            table = getattr(e, "table", None)
+            if table:  # verification failures print their error table before the one-line error
+                err.print(table, markup=False, highlight=False)
             _fail(e.one_line(), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 2)
