@@ -291,7 +291,13 @@ class Collector:
     def _site_stats(self, idx: int, site: Site, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     attn_mask: Optional[torch.Tensor], is_causal: bool, scale: float,
                     hidden: Optional[torch.Tensor]) -> None:
-        """q [1,Hq,Nq,D], k/v [1,Hq|Hkv,Nk,D] (repeated K/V are un-repeated here)."""
+        """q [1,Hq,Nq,D], k/v [1,Hq|Hkv,Nk,D] (repeated K/V are un-repeated here).
+
+        Sites whose mask is causal/padding/none are masked geometrically (calibration rows have
+        no padding), and for causal sites each query chunk only computes the keys up to the end
+        of its last query block (the causal upper triangle is skipped: half the work). Sites
+        with an explicit mask apply the graph's mask as SDPA would.
+        """
         st, acc, m = self.st, self.acc[idx], self.mode
         b, hq, nq, _ = q.shape
         if b != 1:
@@ -305,6 +311,7 @@ class Collector:
         bs = st.block_size
         geo = block_geometry(nq, nk, bs, bs, site.causal, dev)
         nkb = geo.nkb
+        nkp = nkb * bs
         n_allowed = geo.allowed.sum(dim=-1)  # [nqb]
         forced = sink_local_blocks(geo, st.sink_blocks, st.local_blocks) | geo.partial
         step = n_allowed > forced.sum(dim=-1)
@@ -313,110 +320,136 @@ class Collector:
         grid = torch.tensor(st.keep_grid, dtype=torch.float64, device=dev)
         kgrid = keep_counts(grid, n_allowed)  # [K, nqb]
         kref = keep_counts(torch.tensor([st.ref_keep], dtype=torch.float64, device=dev), n_allowed)[0]  # [nqb]
+        geometric = site.mask_kind in ("none", "causal", "padding", "causal+padding")
+        causal = site.causal if geometric else bool(is_causal)
         sel = None
+        delta = None
         if m.delta:
             bt = get_variant("block_topk")
             p = bt.params_from({"keep": st.ref_keep, "block_size": bs, "sink_blocks": st.sink_blocks,
                                 "local_blocks": st.local_blocks})
             sel = bt.select(q, ku, self._ctx(site, g, attn_mask, scale), p)  # [1,Hq,nqb,nkb]
-            delta = q.new_empty(b, hq, nq, dv) if m.keep_delta else None
+            if m.keep_delta:
+                delta = q.new_empty(b, hq, nq, dv)
+        vpad = F.pad(vu, (0, 0, 0, nkp - nk)) if nkp != nk else vu  # [1,G,nkp,Dv]
         off = nk - nq
         rows = max(bs, (st.chunk_elems // max(1, hq * nk)) // bs * bs)
-        kpos = torch.arange(nk, device=dev)
-        colsum = torch.zeros(nk, dtype=torch.float64, device=dev) if m.stats else None
-        ku_t = ku.transpose(-1, -2)
+        colsum = torch.zeros(nkp, dtype=torch.float64, device=dev) if m.stats else None
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
             c = r1 - r0
-            qpos = off + torch.arange(r0, r1, device=dev)
+            d0 = off + r0  # position of the chunk's first query
+            ke = min(nkp, -(-(off + r1) // bs) * bs) if (geometric and causal) else nkp  # keys computed
+            kv_e = min(ke, nk)
             qg = q[:, :, r0:r1].reshape(b, g, gs * c, -1)
-            z = torch.matmul(qg, ku_t).mul_(scale).view(b, hq, c, nk)
+            z = torch.matmul(qg, ku[:, :, :kv_e].transpose(-1, -2)).mul_(scale).view(b, hq, c, kv_e)
+            if ke > kv_e:
+                z = F.pad(z, (0, ke - kv_e), value=float("-inf"))
             allow = None
-            if isinstance(attn_mask, torch.Tensor):
-                mk = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., r0:r1, :]
-                if mk.dtype == torch.bool:
-                    allow = mk
-                else:
-                    z = z + mk
-                    allow = mk > -1e30
-            if is_causal:
-                cm = kpos[None, :] <= qpos[:, None]
-                allow = cm if allow is None else allow & cm
-            if allow is not None:
-                z.masked_fill_(~allow, float("-inf"))
+            if geometric:
+                if causal and d0 + 1 < ke:
+                    w = ke - d0 - 1
+                    tri = torch.ones(c, w, dtype=torch.bool, device=dev).triu_(0)  # key d0+1+t > query d0+i ⇔ t ≥ i
+                    z[..., d0 + 1:].masked_fill_(tri, float("-inf"))
+            else:
+                if isinstance(attn_mask, torch.Tensor):
+                    mk = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., r0:r1, :]
+                    mk = mk[..., :kv_e]
+                    if mk.dtype == torch.bool:
+                        allow = mk
+                    else:
+                        z[..., :kv_e] += mk
+                        allow = mk > -1e30
+                if causal:
+                    cm = torch.arange(kv_e, device=dev)[None, :] <= (d0 + torch.arange(c, device=dev))[:, None]
+                    allow = cm if allow is None else allow & cm
+                if allow is not None:
+                    if ke > kv_e:
+                        allow = F.pad(allow.expand(*allow.shape[:-2], c, kv_e), (0, ke - kv_e), value=False)
+                    z.masked_fill_(~allow, float("-inf"))
             mx = z.amax(dim=-1, keepdim=True)
             mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
             pr = z.sub_(mx).exp_()
             ssum = pr.sum(dim=-1, keepdim=True)
-            pr = pr.div_(ssum.clamp_min(torch.finfo(pr.dtype).tiny))  # [1,Hq,c,Nk] probabilities
+            pr = pr.div_(ssum.clamp_min(torch.finfo(pr.dtype).tiny))  # [1,Hq,c,ke] probabilities
+            del z
+            rb = pr.view(b, hq, c, ke // bs, bs).sum(dim=-1)  # [1,Hq,c,nkb_e] per-row block mass
             if m.stats:
-                self._chunk_stats(acc, pr, allow, r0, r1, qpos, kpos, off, geo, step, n_allowed, forced, kgrid,
-                                  kref, colsum, site.causal)
+                if geometric:
+                    qp = d0 + torch.arange(c, device=dev)
+                    nkeys = (torch.minimum(qp + 1, torch.tensor(nk, device=dev)) if causal
+                             else torch.full((c,), nk, device=dev)).view(1, 1, c)
+                else:
+                    nkeys = allow.sum(dim=-1) if allow is not None else torch.full((1, 1, c), nk, device=dev)
+                self._chunk_stats(acc, pr, rb, nkeys, r0, r1, d0, geo, step, n_allowed, forced, kgrid, kref,
+                                  colsum, causal)
             if m.delta:
                 qb0, qb1 = r0 // bs, (r1 + bs - 1) // bs
-                keep = sel[:, :, qb0:qb1].repeat_interleave(bs, dim=2)[:, :, :c]
-                keep = keep.repeat_interleave(bs, dim=3)[..., :nk]
-                ps = pr * keep
-                ps = ps.div_(ps.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(ps.dtype).tiny))
-                od = torch.matmul(pr.reshape(b, g, gs * c, nk), vu).view(b, hq, c, dv)
-                os_ = torch.matmul(ps.view(b, g, gs * c, nk), vu).view(b, hq, c, dv)
-                dl = os_ - od
-                acc.d2 += dl.double().pow(2).sum(dim=(0, 2, 3)).cpu().numpy()
-                acc.o2 += od.double().pow(2).sum(dim=(0, 2, 3)).cpu().numpy()
+                kb = sel[:, :, qb0:qb1, : ke // bs].repeat_interleave(bs, dim=2)[:, :, :c].to(pr.dtype)  # [1,Hq,c,nkb_e]
+                ps = (pr.view(b, hq, c, ke // bs, bs) * kb[..., None]).view(b, g, gs * c, ke)
+                den = (rb * kb).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(pr.dtype).tiny)
+                ve = vpad[:, :, :ke]
+                od = torch.matmul(pr.view(b, g, gs * c, ke), ve).view(b, hq, c, dv)
+                os_ = torch.matmul(ps, ve).view(b, hq, c, dv).div_(den)
+                dl = os_.sub_(od)
+                acc.d2 += dl.pow(2).sum(dim=(0, 2, 3), dtype=torch.float64).cpu().numpy()
+                acc.o2 += od.pow(2).sum(dim=(0, 2, 3), dtype=torch.float64).cpu().numpy()
                 if delta is not None:
                     delta[:, :, r0:r1] = dl
-            del z, pr
-        if m.delta and delta is not None:
+                del ps, od, os_, dl
+            del pr, rb
+        if delta is not None:
             self.deltas[idx] = delta
         if m.stats:
-            self._sinks(idx, acc, colsum, nq, nk, off, site.causal, hq, hidden)
+            self._sinks(idx, acc, colsum[:nk], nq, nk, off, site.causal, hq, hidden)
 
-    def _chunk_stats(self, acc: _SiteAcc, pr: torch.Tensor, allow: Optional[torch.Tensor], r0: int, r1: int,
-                     qpos: torch.Tensor, kpos: torch.Tensor, off: int, geo: Any, step: torch.Tensor,
-                     n_allowed: torch.Tensor, forced: torch.Tensor, kgrid: torch.Tensor, kref: torch.Tensor,
-                     colsum: torch.Tensor, causal: bool) -> None:
+    def _chunk_stats(self, acc: _SiteAcc, pr: torch.Tensor, rb: torch.Tensor, nkeys: torch.Tensor, r0: int, r1: int,
+                     d0: int, geo: Any, step: torch.Tensor, n_allowed: torch.Tensor, forced: torch.Tensor,
+                     kgrid: torch.Tensor, kref: torch.Tensor, colsum: torch.Tensor, causal: bool) -> None:
+        """pr [1,Hq,c,ke] probabilities of query rows r0..r1 over keys 0..ke; rb [1,Hq,c,ke/B] their
+        per-block sums; nkeys [1|..,1|Hq,c] keys each row may see; d0 the first row's position."""
         st = self.st
-        b, hq, c, nk = pr.shape
+        b, hq, c, ke = pr.shape
         bs = st.block_size
         g = acc.groups
+        dev = pr.device
         # entropy and its bound
         ent = -torch.special.xlogy(pr, pr).sum(dim=-1)[0].double()  # [Hq, c]
-        nkeys = (allow.sum(dim=-1) if allow is not None else torch.full((1, 1, c), nk, device=pr.device))
-        nkeys = nkeys.expand(b, hq, c)[0].double()  # [Hq, c]
-        logn = torch.log(nkeys.clamp_min(1.0))
+        nk_rows = nkeys.expand(b, hq, c)[0].double()
+        logn = torch.log(nk_rows.clamp_min(1.0))
         acc.ent_sum += ent.sum(dim=1).cpu().numpy()
         acc.entmax_sum += float(logn.mean(dim=0).sum())
-        multi = nkeys > 1
+        multi = nk_rows > 1
         acc.ent_norm_sum += torch.where(multi, ent / logn.clamp_min(1e-30), torch.zeros_like(ent)).sum(dim=1).cpu().numpy()
         acc.ent_norm_rows += int(multi[0].sum())
         acc.rows += c
-        # local-window mass
+        # local-window mass: only the keys within the window of some row of the chunk
         w = st.local_window
-        if causal:
-            band = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - w)
-        else:
-            band = (kpos[None, :] - qpos[:, None]).abs() < w
-        acc.local_sum += (pr * band).sum(dim=-1)[0].double().sum(dim=1).cpu().numpy()
+        lo = max(0, d0 - w + 1)
+        hi = min(ke, d0 + c) if causal else min(ke, d0 + c + w - 1)
+        if hi > lo:
+            qp = d0 + torch.arange(c, device=dev)[:, None]
+            kp = torch.arange(lo, hi, device=dev)[None, :]
+            band = ((kp <= qp) & (kp > qp - w)) if causal else ((kp - qp).abs() < w)
+            acc.local_sum += (pr[..., lo:hi] * band).sum(dim=-1)[0].double().sum(dim=1).cpu().numpy()
         # sinks: column sums over later (causal) / other (non-causal) queries
-        colsum += pr.sum(dim=(0, 1, 2)).double()
-        lo = off + r0
-        diag = torch.diagonal(pr, offset=lo, dim1=-2, dim2=-1) if lo < nk else pr.new_zeros(b, hq, 0)
+        colsum[:ke] += pr.sum(dim=(0, 1, 2), dtype=torch.float64)
+        diag = torch.diagonal(pr, offset=d0, dim1=-2, dim2=-1) if d0 < ke else pr.new_zeros(b, hq, 0)
         if diag.shape[-1]:
-            colsum[lo: lo + diag.shape[-1]] -= diag.sum(dim=(0, 1)).double()
+            colsum[d0: d0 + diag.shape[-1]] -= diag.sum(dim=(0, 1), dtype=torch.float64)
         first = pr[0, :, :, 0].double()  # [Hq, c]
-        if lo <= 0 < off + r1:
-            first = torch.cat([first[:, : -lo], first[:, -lo + 1:]], dim=1) if -lo < c else first
+        if d0 <= 0 < d0 + c:
+            first = torch.cat([first[:, : -d0], first[:, -d0 + 1:]], dim=1)
         acc.sink0_sum += first.sum(dim=1).cpu().numpy()
         acc.sink0_rows += first.shape[1]
         # key-block mass per query block
         qb0, qb1 = r0 // bs, (r1 + bs - 1) // bs
         cqb = qb1 - qb0
         if cqb * bs != c:
-            pr = torch.cat([pr, pr.new_zeros(b, hq, cqb * bs - c, nk)], dim=2)
-        pb = pr.view(b, hq, cqb, bs, nk).sum(dim=3)
-        if geo.nkb * bs != nk:
-            pb = F.pad(pb, (0, geo.nkb * bs - nk))
-        bm = pb.view(b, hq, cqb, geo.nkb, bs).sum(dim=-1)[0].double()  # [Hq, cqb, nkb]
+            rb = torch.cat([rb, rb.new_zeros(b, hq, cqb * bs - c, rb.shape[-1])], dim=2)
+        bm = rb.view(b, hq, cqb, bs, rb.shape[-1]).sum(dim=3)[0].double()  # [Hq, cqb, nkb_e]
+        if bm.shape[-1] < geo.nkb:
+            bm = F.pad(bm, (0, geo.nkb - bm.shape[-1]))
         stp = step[qb0:qb1]
         if not bool(stp.any()):
             return
@@ -426,9 +459,14 @@ class Collector:
         f = [_needed(cum, na, cov) for cov in COVERAGES]
         acc.f90.append(f[0].T.cpu().numpy())
         acc.f95.append(f[1].T.cpu().numpy())
-        kg = kgrid[:, qb0:qb1][:, stp]  # [K, T]
+        # coverage of a block_topk-like selection: forced blocks first, then the heaviest others
+        fo = forced[qb0:qb1][stp]  # [T, nkb]
+        bmn = bm / bm.sum(dim=-1, keepdim=True).clamp_min(1e-300)
+        order = torch.sort(bmn + 2.0 * fo.to(bmn.dtype), dim=-1, descending=True, stable=True).indices
+        cumf = torch.cumsum(torch.gather(bmn, -1, order), dim=-1)
+        kg = torch.maximum(kgrid[:, qb0:qb1][:, stp], fo.sum(dim=-1)[None])  # [K, T]
         idx = (kg.T[None] - 1).clamp(0, geo.nkb - 1).expand(hq, -1, -1)  # [Hq, T, K]
-        cov = torch.gather(cum, -1, idx)
+        cov = torch.gather(cumf, -1, idx)
         acc.cov_sum += cov.sum(dim=1).cpu().numpy()
         acc.cov_n += cov.shape[1]
         gm = bm.view(g, hq // g, bm.shape[1], geo.nkb).sum(dim=1)  # [G, T, nkb]
@@ -611,14 +649,14 @@ def causal_lm_ce(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 512) -> f
     tot = 0.0
     for a in range(0, n, chunk):
         b = min(n, a + chunk)
-        tot += float(F.cross_entropy(logits[0, a:b].double(), ids[0, a + 1:b + 1], reduction="sum"))
+        tot += float(F.cross_entropy(logits[0, a:b].float(), ids[0, a + 1:b + 1], reduction="sum"))
     return tot / max(n, 1)
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ (float64)."""
-    d = (out.double() - ref.double()).norm()
-    return float(d / ref.double().norm().clamp_min(1e-30))
+    """‖out − ref‖ / ‖ref‖ (float32 tensors, the ratio in float64)."""
+    d = float(torch.linalg.vector_norm(out.float() - ref.float()))
+    return d / max(float(torch.linalg.vector_norm(ref.float())), 1e-30)
 
 
 def _emit(progress: Optional[ProgressFn], stage: str, done: int, total: int) -> None:
@@ -891,3 +929,64 @@ def heldout_data(lm: LoadedModel, texts_heldout: Optional[Sequence[str]], sample
                            fingerprint=_fingerprint("heldout", x), seq_len=seq_len,
                            tokens_available=int(ids.numel()), documents=len(texts_heldout),
                            rows_available=int(ids.shape[0]), row_indices=pick)
+
+
+# --------------------------------------------------------------------------- evidence helpers
+
+def compare_head_budgets(lm: LoadedModel, cap: Captured, profile: Profile, budget: float,
+                         texts_heldout: Optional[Sequence[str]] = None, *, samples: int = 2,
+                         seq_len: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
+    """HeSS-guided vs uniform per-head budgets at equal total compute, on held-out text.
+
+    Every site runs ``block_topk``: "uniform" keeps ``budget`` of the key blocks in every head;
+    "hess_layer" water-fills the same per-site total over the site's heads by HeSS;
+    "hess_model" water-fills the same model-wide total over all heads (methods.md §1's H_tot =
+    all heads). Held-out data: ``texts_heldout`` or the built-in corpus's heldout split
+    (``samples`` rows of ``seq_len`` tokens, default the profile's). Returns, per policy, the CE
+    on the held-out rows, its increase over dense and the relative L2 error of the final logits
+    (hidden states for non-LM models), plus the settings used.
+    """
+    from surgeon.profiles.plan import uniform_head_policy
+
+    profile.check_sites([s.name for s in cap.sites])
+    n = int(seq_len or profile.settings["seq_len"])
+    data = heldout_data(lm, texts_heldout, samples, n, seed) if lm.is_text else \
+        load_calibration(None, lm, samples, n, "heldout", seed=seed)
+    pols = {"uniform": uniform_head_policy(profile, budget, head_budget="uniform"),
+            "hess_layer": uniform_head_policy(profile, budget, head_budget="hess", scope="layer"),
+            "hess_model": uniform_head_policy(profile, budget, head_budget="hess", scope="model")}
+    res = evaluate_policies(lm, cap, pols, data)
+    return {"budget": float(budget), "samples": samples, "seq_len": n, "data": data.describe(), "results": res}
+
+
+def compare_layer_policies(lm: LoadedModel, cap: Captured, profile: Profile, budget: float,
+                           texts_heldout: Optional[Sequence[str]] = None, *, options: Any = None,
+                           samples: int = 2, seq_len: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
+    """The planned (HyLRA DP + HeSS) policy vs "first k layers full, the rest block_topk" at equal
+    modelled cost, on held-out text. k is the number of FULL layers the plan chose; the
+    baseline's keep solves ``(k + (L − k)(keep + select_cost)) / L = cost(plan)``. Returns CE,
+    CE increase and relative L2 of the final logits for both (see :func:`compare_head_budgets`).
+    """
+    from surgeon.profiles.plan import first_k_policy, plan_details
+    from surgeon.profiles.solvers import select_overhead
+
+    profile.check_sites([s.name for s in cap.sites])
+    det = plan_details(profile, budget, options=options)
+    L = len(cap.sites)
+    k = sum(1 for r in det.roles if r == "full")
+    sc = select_overhead(int(profile.settings["block_size"]), "prefill")
+    keep_b = (det.cost * L - k) / max(L - k, 1) - sc
+    if not (0 < keep_b <= 1):
+        raise BadInput(f"no first-{k}-full baseline matches the plan's cost {det.cost:.4g}", "use another budget")
+    n = int(seq_len or profile.settings["seq_len"])
+    data = heldout_data(lm, texts_heldout, samples, n, seed) if lm.is_text else \
+        load_calibration(None, lm, samples, n, "heldout", seed=seed)
+    pols = {"planned": det.policy, f"first_{k}_full": first_k_policy(profile, k, keep_b)}
+    res = evaluate_policies(lm, cap, pols, data)
+    return {"budget": float(budget), "cost": det.cost, "full_layers": k, "plan_keep": det.keep,
+            "baseline_keep": keep_b, "roles": det.roles, "samples": samples, "seq_len": n,
+            "data": data.describe(), "results": res}
+
+
+__all__ = ["CalibrationData", "Collector", "ProfileSettings", "compare_head_budgets", "compare_layer_policies",
+           "evaluate_policies", "heldout_data", "instrument", "policy_modes", "profile"]

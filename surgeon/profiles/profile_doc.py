@@ -25,8 +25,9 @@ class SiteProfile(BaseModel):
       (steps = (sample, query block) pairs where block_topk makes a real choice).
     - ``mass_fraction_90_kv``: the same on the KV group's summed mass, per KV head ([G]) — HyLRA's
       per-step hash ratio; ``hash_ratio`` is its mean over KV heads.
-    - ``coverage``: [H][len(settings.keep_grid)] mean attention mass covered by the top
-      ⌈κ·n_allowed⌉ key blocks for each κ of the keep grid.
+    - ``coverage``: [H][len(settings.keep_grid)] mean attention mass covered by a block_topk-like
+      oracle selection of ⌈κ·n_allowed⌉ key blocks for each κ of the keep grid: the forced blocks
+      (sinks, local, causal boundary) first, then the heaviest remaining blocks by true mass.
     - ``entropy``: mean row entropy (nats); ``entropy_max``: mean over rows of log(#keys seen),
       the upper bound; ``entropy_normalized``: mean of entropy/log(#keys) over rows with ≥ 2 keys.
     - ``local_mass``: mean mass on the ``settings.local_window`` keys nearest the query.
