@@ -9,8 +9,8 @@ the settings actually used (from the profile), library versions, the machine's l
     python benchmarks/profile_speed.py --memory-seq-len 8192 # + a fresh process profiling 1 × 8192
     python benchmarks/profile_speed.py --evidence            # + HeSS / layer-policy evidence
 
-Peak RSS is ``ru_maxrss`` of the process that profiles (it includes the model and the capture);
-the memory check runs in its own process so its peak is its own.
+Peak RSS is the VmHWM of the process that profiles (it includes the model and the capture); the
+memory check runs in its own process (exec'd, so its high-water mark is its own).
 """
 from __future__ import annotations
 
@@ -30,10 +30,19 @@ sys.path.insert(0, str(ROOT))
 
 
 def _rss_mib() -> float:
+    """Peak resident set size of this process in MiB: VmHWM from /proc (reset by exec), else
+    ru_maxrss (which a child inherits from the parent it was forked from on Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_once(model: str, samples: int, seq_len: int, block_size: int, evidence: bool, budget: float) -> dict:
+def run_once(model: str, samples: int, seq_len: int, block_size: int, evidence: bool, budget: float,
+             save_profile: str = "") -> dict:
     import torch
 
     from surgeon.capture import capture
@@ -72,10 +81,12 @@ def run_once(model: str, samples: int, seq_len: int, block_size: int, evidence: 
     out["settings"] = prof.settings
     out["plan"] = {"budget": budget, "keep": det.keep, "cost": det.cost, "rollback": det.rollback,
                    "roles": det.roles}
-    out["profile_sha_len"] = len(prof.to_json())
+    out["profile_json_bytes"] = len(prof.to_json())
+    if save_profile:
+        prof.save(Path(save_profile), force=True)
     out["torch_threads"] = torch.get_num_threads()
     if evidence:
-        n = min(seq_len, 1024)
+        n = seq_len  # evaluate at the profile's length: the plan's densities are modelled there
         t = time.perf_counter()
         out["evidence_head_budgets"] = compare_head_budgets(lm, cap, prof, budget, samples=2, seq_len=n)
         out["evidence_layer_policies"] = compare_layer_policies(lm, cap, prof, budget, samples=2, seq_len=n)
@@ -101,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=0.15)
     ap.add_argument("--evidence", action="store_true", help="also run the HeSS / layer-policy comparisons")
     ap.add_argument("--memory-seq-len", type=int, default=0, help="also profile 1 sample at this length in a fresh process")
+    ap.add_argument("--save-profile", default="", help="also write the profile JSON here")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_speed_cpu.json"))
     ap.add_argument("--json-stdout", action="store_true", help="print the result as JSON instead of writing --out")
     a = ap.parse_args(argv)
     res = {"benchmark": "profile_speed", "model": a.model, "samples": a.samples, "seq_len": a.seq_len,
            "block_size": a.block_size, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "versions": versions()}
-    res.update(run_once(a.model, a.samples, a.seq_len, a.block_size, a.evidence, a.budget))
+    res.update(run_once(a.model, a.samples, a.seq_len, a.block_size, a.evidence, a.budget, a.save_profile))
     if a.memory_seq_len:
         cmd = [sys.executable, __file__, "--model", a.model, "--samples", "1", "--seq-len", str(a.memory_seq_len),
                "--block-size", str(a.block_size), "--json-stdout"]

@@ -22,7 +22,7 @@ from surgeon.profiles.collect import (
     profile,
 )
 from surgeon.profiles.data import load_calibration, split_documents
-from surgeon.profiles.plan import PlanOptions, plan, plan_details
+from surgeon.profiles.plan import PlanOptions, block_topk_density, keep_for_density, plan, plan_details
 from surgeon.profiles.profile_doc import Profile
 from surgeon.profiles.report import write_report
 from surgeon.profiles.solvers import policy_cost, select_overhead
@@ -208,13 +208,20 @@ def test_vision_profile_label_free(vit, vit_cap, tmp_path):
 
 # --------------------------------------------------------------------------- plan
 
-@pytest.mark.parametrize("budget", [0.15, 0.3, 0.6])
+@pytest.mark.parametrize("budget", [0.4, 0.6])
 def test_plan_meets_budget(smol_profile, smollm2_cap, budget):
     det = plan_details(smol_profile, budget)
     assert det.cost <= budget + 1e-12
-    assert policy_cost(det.roles, det.keep, select_overhead(16)) == pytest.approx(det.cost)
     validate_policy(det.policy, smollm2_cap.sites)
     pol = det.policy
+    # the cost is the geometric density block_topk really keeps at 128 tokens (forced blocks included)
+    dens = []
+    for name, role in zip(smol_profile.site_names, det.roles):
+        ch = pol.sites[name]
+        src = pol.sites[ch.block_mask_from] if ch.variant == "reuse" else ch
+        ks = src.params.get("head_keep", [src.params.get("keep", 1.0)])
+        dens.append(1.0 if ch.variant == "dense" else float(block_topk_density(128, 16, np.asarray(ks), True).mean()))
+    assert policy_cost(det.roles, dens, select_overhead(16)) == pytest.approx(det.cost)
     assert pol.budget == budget and set(pol.sites) == set(smol_profile.site_names)
     for name, ch in pol.sites.items():
         if ch.variant == "block_topk":
@@ -225,23 +232,50 @@ def test_plan_meets_budget(smol_profile, smollm2_cap, budget):
     assert plan(smol_profile, budget).to_json() == pol.to_json()  # pure
 
 
+def test_block_topk_density_matches_variant():
+    """The planner's geometric density equals what block_topk reports on real tensors."""
+    bt = get_variant("block_topk")
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 200, 8), torch.randn(1, 2, 200, 8)
+    for causal in (True, False):
+        for keep in (0.02, 0.3, 0.7):
+            p = bt.params_from({"keep": keep, "block_size": 16})
+            got = bt.achieved_density(q, k, k, AttnContext(causal=causal, scale=0.3, kv_heads=2), p)
+            assert float(block_topk_density(200, 16, keep, causal)) == pytest.approx(got, abs=0.02)
+    kf = keep_for_density(2048, 64, 0.2, True)
+    assert float(block_topk_density(2048, 64, kf, True)) <= 0.2 < float(block_topk_density(2048, 64, kf + 1e-6, True))
+    with pytest.raises(BadInput, match="floor"):
+        keep_for_density(2048, 64, 0.05, True)
+
+
 def test_plan_options_and_limits(smol_profile):
-    uni = plan(smol_profile, 0.2, options={"head_budget": "uniform"})
+    uni = plan(smol_profile, 0.5, options={"head_budget": "uniform"})
     assert all("head_keep" not in ch.params for ch in uni.sites.values())
-    noreuse = plan_details(smol_profile, 0.2, options=PlanOptions(reuse=False))
+    noreuse = plan_details(smol_profile, 0.5, options=PlanOptions(reuse=False, head_scope="layer"))
     assert "reuse" not in noreuse.roles
+    capped = plan_details(smol_profile, 0.5, options={"rho_search": False, "mode": "decode"})
+    assert "reuse" in capped.roles and capped.cost <= 0.5
+    searched = plan_details(smol_profile, 0.5)
+    assert {c["rho"] for c in searched.candidates} == {0.3, 1.0}
+    best = min(c["predicted_error"] for c in searched.candidates if c["feasible"])
+    assert searched.predicted_error == pytest.approx(best)
     dense = plan(smol_profile, 1.0)
     assert {ch.variant for ch in dense.sites.values()} == {"dense"}
-    with pytest.raises(BadInput, match="below the cheapest plan"):
-        plan(smol_profile, 1e-5)
+    # 128 tokens in blocks of 16: block_topk's forced blocks alone keep ≈ 0.35 of the causal pairs
+    with pytest.raises(BadInput, match=r"below the cheapest plan for this profile \(≈0\.349 of dense attention at 128 tokens"):
+        plan(smol_profile, 0.15)
+    from surgeon.profiles.plan import min_budget
+
+    mb = min_budget(smol_profile)
+    assert 0.349 < mb < 0.36 and plan_details(smol_profile, mb + 0.01).cost <= mb + 0.01
     with pytest.raises(BadInput, match="unknown plan option"):
-        plan(smol_profile, 0.2, options={"nope": 1})
+        plan(smol_profile, 0.5, options={"nope": 1})
 
 
 def test_planned_policy_rewrites_and_runs(smol_profile, smollm2, smollm2_cap):
-    pol = plan(smol_profile, 0.15)
+    pol = plan(smol_profile, 0.5, options={"rho_search": False})  # HyLRA's anchor cap: REUSE edges
     res = rewrite(smollm2_cap, pol)
-    assert res.counts.get("block_topk", 0) >= 1
+    assert res.counts.get("block_topk", 0) >= 1 and res.counts.get("reuse", 0) >= 1
     ids = load_calibration(None, smollm2, 1, 128, "heldout").inputs
     with torch.no_grad():
         out = res.program.module()(*ids)
@@ -251,7 +285,7 @@ def test_planned_policy_rewrites_and_runs(smol_profile, smollm2, smollm2_cap):
 # --------------------------------------------------------------------------- report and evidence
 
 def test_report(smol_profile, tmp_path):
-    path = write_report(smol_profile, plan(smol_profile, 0.15), tmp_path / "report.html")
+    path = write_report(smol_profile, plan(smol_profile, 0.5), tmp_path / "report.html")
     text = path.read_text()
     assert text.count("data:image/png;base64,") >= 5
     assert "http://" not in text and "https://" not in text
@@ -261,13 +295,13 @@ def test_report(smol_profile, tmp_path):
 
 
 def test_evidence_helpers(smol_profile, smollm2, smollm2_cap):
-    hb = compare_head_budgets(smollm2, smollm2_cap, smol_profile, 0.15, samples=1, seq_len=128)
+    hb = compare_head_budgets(smollm2, smollm2_cap, smol_profile, 0.4, samples=1, seq_len=128)
     assert set(hb["results"]) == {"uniform", "hess_layer", "hess_model"}
     for r in hb["results"].values():
-        assert math.isfinite(r["ce"]) and r["rel_l2"] > 0
-    lp = compare_layer_policies(smollm2, smollm2_cap, smol_profile, 0.3, samples=1, seq_len=128)
+        assert math.isfinite(r["ce"]) and r["rel_l2"] > 0 and 0 < r["density"] < 1
+    lp = compare_layer_policies(smollm2, smollm2_cap, smol_profile, 0.5, samples=1, seq_len=128)
     assert set(lp["results"]) == {"planned", f"first_{lp['full_layers']}_full"}
-    assert 0 < lp["baseline_keep"] <= 1 and lp["cost"] <= 0.3
+    assert 0 < lp["baseline_keep"] <= 1 and lp["cost"] <= 0.5 and lp["baseline_cost"] > 0
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -308,3 +342,12 @@ def test_chunk_stats_match_dense_reference(causal):
         np.testing.assert_allclose(f90, np.asarray(ref), atol=1e-12)
     np.testing.assert_allclose(accs[0].d2, accs[1].d2, rtol=1e-4)
     np.testing.assert_allclose(accs[0].cov_sum, accs[1].cov_sum, atol=1e-9)
+
+
+def test_encoder_profile_without_sensitivity_plans(minilm, minilm_cap):
+    p = profile(minilm, minilm_cap, samples=1, seq_len=64, block_size=16, sensitivity=False)
+    assert p.settings["sensitivity"] is False and p.layer_sensitivity == [None] * 6
+    assert math.isclose(float(np.nansum(p.matrix("hess"))), 1.0, rel_tol=1e-6)  # label-free proxy, normalised
+    det = plan_details(p, 0.6)
+    assert det.cost <= 0.6
+    validate_policy(det.policy, minilm_cap.sites)

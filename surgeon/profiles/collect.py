@@ -21,16 +21,20 @@ layer's hidden states. For pre-norm models this is the normalised residual strea
 Chunk math (memory)
 -------------------
 Samples are processed one at a time (batch 1). Per site a chunk of ``c`` query rows (a multiple
-of ``block_size``) holds the logits/probabilities of all query heads for all keys,
-``Hq · c · Nk`` float32 values, with ``c = max(block, ⌊chunk_elems / (Hq·Nk)⌋ rounded down to a
-block multiple)``. The default ``chunk_elems = 2**23`` (32 MiB per such tensor) gives, for
-SmolLM2 at 8192 tokens (Hq = 9), c = 64 rows (one block: 9·64·8192·4 B = 18.9 MiB); about six
-tensors of that size are alive at once (probabilities, entropy/xlogy, local band product,
-sparse probabilities, block sums), so the statistics add ≈ 0.15 GiB on top of the model — never
-an N×N matrix for all heads. In statistics-only passes the forward is stopped after the last
-site, so the [N, vocab] logits (1.6 GB at 8192 for SmolLM2) are never built. Gradients
-(HeSS) need the whole autograd graph and are taken on windows of ``grad_seq_len`` tokens
-(default ≤ 1024) — recorded in the profile's settings.
+of ``block_size``) holds the logits of all query heads for the keys it can see,
+``Hq · c · Nk`` float32 values at most, with ``c = max(block, ⌊chunk_elems / (Hq·Nk)⌋ rounded
+down to a block multiple)``; causal sites stop each chunk's keys at the end of its last query
+block (the upper triangle is never computed). Two such buffers are reused for every chunk of
+every site (logits, then the block-sparse probabilities; and the probabilities), plus a few
+[Hq, c, Nk/B] block sums and [Hq, c, D] outputs. The default ``chunk_elems = 2**23`` gives, for
+SmolLM2 at 8192 tokens (Hq = 9), c = 64 rows (one block: 9·64·8192·4 B = 18.9 MiB per buffer),
+and at 2048 tokens c = 448 rows (31.5 MiB per buffer): the statistics add well under 0.2 GiB on
+top of the model — never an N×N matrix for all heads. In statistics-only passes the forward is
+stopped after the last site, so the [N, vocab] logits (1.6 GB at 8192 for SmolLM2) are never
+built. Gradients (HeSS) need the whole autograd graph and are taken on windows of
+``grad_seq_len`` tokens (default ≤ 1024, recorded in the profile's settings); measured peak RSS
+of a whole profile of SmolLM2 (1 × 8192 tokens, gradients on 1024, sensitivity on 1024) is
+4.0 GiB including the model and its capture (1.3 GiB).
 
 HeSS (methods.md §1, [PROPOSED] there; our choices)
 ---------------------------------------------------
@@ -38,10 +42,14 @@ HeSS (methods.md §1, [PROPOSED] there; our choices)
 probabilities: the block_topk output is dense attention restricted to the selected blocks and
 renormalised, so ``δ = (P⊙M/ΣP⊙M − P)·V``. The two error terms are (e1) the next-token
 cross-entropy on the calibration text itself and (e2) the cross-entropy against the dense
-model's own argmax predictions (label-free pseudo-targets, methods.md §1). Gradients dL_e/dO_h
+model's own argmax predictions (label-free pseudo-targets, methods.md §1) [PROPOSED choice].
+A KL or hidden-state error *to the dense model* would have zero gradient at the dense point, so
+it cannot serve as a first-order (Fisher) term. Gradients dL_e/dO_h
 come from a zero tensor ``z`` added to each site's output (``O + z``, ``dL/dz = dL/dO``), with the
 model's parameters temporarily set to ``requires_grad=False``. ``S_h^e = E_x[(Σ dL_e/dO_h ⊙ δ_h)²]``
-and ``HeSS_h = Σ_e S_h^e / Σ_h' S_h'^e`` over all heads of all sites. Models without an LM loss
+and ``HeSS_h = Σ_e S_h^e / Σ_h' S_h'^e`` over all heads of all sites (so Σ_h HeSS_h = 2). By
+default the gradients use the first ``min(seq_len, 1024)`` tokens of every calibration sample
+(no checkpointing; both recorded in the settings). Models without an LM loss
 (encoders, vision) use the label-free proxy ``E‖δ_h‖² / E‖O_h‖²``, normalised to sum 1.
 
 Layer sensitivity: one forward per site with that site alone running ``block_topk`` at the
@@ -52,7 +60,6 @@ the relative L2 error of the output (other models).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
@@ -63,7 +70,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from surgeon.capture import SDPA, Captured, Site, _sdpa_args, sdpa_nodes
+from surgeon.capture import Captured, Site, _sdpa_args, sdpa_nodes
 from surgeon.errors import BadInput
 from surgeon.kernels.blocksparse_cpu import block_geometry, keep_counts, select_top, sink_local_blocks
 from surgeon.models import LoadedModel
@@ -146,7 +153,8 @@ class ProfileSettings:
     def resolved(self, lm: LoadedModel, seq_len: int) -> dict[str, Any]:
         """The settings with defaults filled in for ``lm`` (what the profile records)."""
         lm_loss = lm.kind == "causal-lm"
-        grad = bool(self.gradients and lm_loss)
+        grad = bool(self.gradients and lm_loss and self.grad_samples != 0)
+        sens = bool(self.sensitivity and self.sens_samples != 0)
         gs = min(seq_len, self.grad_seq_len or 1024) if lm.is_text else seq_len
         ss = min(seq_len, self.sens_seq_len or 1024) if lm.is_text else seq_len
         d = asdict(self)
@@ -161,10 +169,10 @@ class ProfileSettings:
             "grad_window": ("full" if gs >= seq_len else f"first {gs} tokens of each sample") if grad else "none",
             "hess_method": "gradient" if grad else "label-free",
             "hess_terms": list(HESS_TERMS) if grad else [],
-            "sensitivity": bool(self.sensitivity),
+            "sensitivity": sens,
             "sens_samples": (min(self.samples, self.sens_samples) if self.sens_samples is not None
-                             else min(self.samples, 2)) if self.sensitivity else 0,
-            "sens_seq_len": ss if self.sensitivity else 0,
+                             else min(self.samples, 2)) if sens else 0,
+            "sens_seq_len": ss if sens else 0,
             "sensitivity_metric": "ce_increase" if lm_loss else "rel_l2",
             "coverages": list(COVERAGES),
             "sink_alignment": "q_proj_input",
@@ -217,6 +225,10 @@ class _Mode:
     policy: dict[int, tuple[Any, VariantParams, Optional[int]]] = field(default_factory=dict)
 
 
+# finite "masked" logit: exp(_MASKED − max) is exactly 0 and 0 · _MASKED is 0 (−inf would give NaN)
+_MASKED = -1e30
+
+
 class _StopForward(Exception):
     """Raised after the last site in statistics-only passes (the rest of the model is unused)."""
 
@@ -241,6 +253,17 @@ class Collector:
         self.overlap_ok = True
         self.secondary: list[dict[str, Any]] = []
         self.sink_primary: list[list[float]] = [[] for _ in self.sites]
+        self._buf: dict[str, torch.Tensor] = {}
+
+    def _scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer of ``shape`` (grown on demand): big chunk tensors are not re-allocated
+        (and page-faulted) for every chunk of every site."""
+        n = math.prod(shape)
+        buf = self._buf.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(n, dtype=like.dtype, device=like.device)
+            self._buf[name] = buf
+        return buf[:n].view(shape)
 
     # -- the instrumented call ---------------------------------------------------------
     def call(self, idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -342,15 +365,18 @@ class Collector:
             ke = min(nkp, -(-(off + r1) // bs) * bs) if (geometric and causal) else nkp  # keys computed
             kv_e = min(ke, nk)
             qg = q[:, :, r0:r1].reshape(b, g, gs * c, -1)
-            z = torch.matmul(qg, ku[:, :, :kv_e].transpose(-1, -2)).mul_(scale).view(b, hq, c, kv_e)
+            zb = self._scratch("z", (b, g, gs * c, ke), q)
+            torch.matmul(qg, ku[:, :, :kv_e].transpose(-1, -2), out=zb[..., :kv_e])
+            z = zb.view(b, hq, c, ke)
+            z[..., :kv_e].mul_(scale)
             if ke > kv_e:
-                z = F.pad(z, (0, ke - kv_e), value=float("-inf"))
+                z[..., kv_e:] = _MASKED
             allow = None
             if geometric:
                 if causal and d0 + 1 < ke:
                     w = ke - d0 - 1
                     tri = torch.ones(c, w, dtype=torch.bool, device=dev).triu_(0)  # key d0+1+t > query d0+i ⇔ t ≥ i
-                    z[..., d0 + 1:].masked_fill_(tri, float("-inf"))
+                    z[..., d0 + 1:].masked_fill_(tri, _MASKED)
             else:
                 if isinstance(attn_mask, torch.Tensor):
                     mk = attn_mask if attn_mask.shape[-2] == 1 else attn_mask[..., r0:r1, :]
@@ -366,13 +392,21 @@ class Collector:
                 if allow is not None:
                     if ke > kv_e:
                         allow = F.pad(allow.expand(*allow.shape[:-2], c, kv_e), (0, ke - kv_e), value=False)
-                    z.masked_fill_(~allow, float("-inf"))
+                    z.masked_fill_(~allow, _MASKED)
+                z.clamp_(min=_MASKED)  # -inf from a float mask → the finite sentinel
+            # masked logits hold the finite sentinel _MASKED, so exp gives exactly 0 and e·y stays 0
+            # (no NaN); a row with nothing allowed (none in calibration rows) gets probability 0.
             mx = z.amax(dim=-1, keepdim=True)
-            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-            pr = z.sub_(mx).exp_()
+            dead = mx <= _MASKED / 2
+            y = z.sub_(mx)  # [1,Hq,c,ke] logits − row max (≤ 0)
+            pr = torch.exp(y, out=self._scratch("p", tuple(y.shape), y))
             ssum = pr.sum(dim=-1, keepdim=True)
-            pr = pr.div_(ssum.clamp_min(torch.finfo(pr.dtype).tiny))  # [1,Hq,c,ke] probabilities
-            del z
+            ent_rows = None
+            if m.stats:
+                # entropy −Σ p log p = log s − Σ e·y / s (p = e / s), without a log per element
+                ent_rows = (torch.log(ssum) - (pr * y).sum(dim=-1, keepdim=True) / ssum).masked_fill_(dead, 0.0)
+            del z, y
+            pr = pr.div_(ssum).masked_fill_(dead, 0.0)  # [1,Hq,c,ke] probabilities
             rb = pr.view(b, hq, c, ke // bs, bs).sum(dim=-1)  # [1,Hq,c,nkb_e] per-row block mass
             if m.stats:
                 if geometric:
@@ -381,12 +415,14 @@ class Collector:
                              else torch.full((c,), nk, device=dev)).view(1, 1, c)
                 else:
                     nkeys = allow.sum(dim=-1) if allow is not None else torch.full((1, 1, c), nk, device=dev)
-                self._chunk_stats(acc, pr, rb, nkeys, r0, r1, d0, geo, step, n_allowed, forced, kgrid, kref,
-                                  colsum, causal)
+                self._chunk_stats(acc, pr, rb, ent_rows[..., 0], nkeys, r0, r1, d0, geo, step, n_allowed, forced,
+                                  kgrid, kref, colsum, causal)
             if m.delta:
                 qb0, qb1 = r0 // bs, (r1 + bs - 1) // bs
                 kb = sel[:, :, qb0:qb1, : ke // bs].repeat_interleave(bs, dim=2)[:, :, :c].to(pr.dtype)  # [1,Hq,c,nkb_e]
-                ps = (pr.view(b, hq, c, ke // bs, bs) * kb[..., None]).view(b, g, gs * c, ke)
+                ps = self._scratch("z", (b, hq, c, ke // bs, bs), pr)  # the logits buffer is free now
+                torch.mul(pr.view(b, hq, c, ke // bs, bs), kb[..., None], out=ps)
+                ps = ps.view(b, g, gs * c, ke)
                 den = (rb * kb).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(pr.dtype).tiny)
                 ve = vpad[:, :, :ke]
                 od = torch.matmul(pr.view(b, g, gs * c, ke), ve).view(b, hq, c, dv)
@@ -403,18 +439,20 @@ class Collector:
         if m.stats:
             self._sinks(idx, acc, colsum[:nk], nq, nk, off, site.causal, hq, hidden)
 
-    def _chunk_stats(self, acc: _SiteAcc, pr: torch.Tensor, rb: torch.Tensor, nkeys: torch.Tensor, r0: int, r1: int,
-                     d0: int, geo: Any, step: torch.Tensor, n_allowed: torch.Tensor, forced: torch.Tensor,
-                     kgrid: torch.Tensor, kref: torch.Tensor, colsum: torch.Tensor, causal: bool) -> None:
+    def _chunk_stats(self, acc: _SiteAcc, pr: torch.Tensor, rb: torch.Tensor, ent_rows: torch.Tensor,
+                     nkeys: torch.Tensor, r0: int, r1: int, d0: int, geo: Any, step: torch.Tensor,
+                     n_allowed: torch.Tensor, forced: torch.Tensor, kgrid: torch.Tensor, kref: torch.Tensor,
+                     colsum: torch.Tensor, causal: bool) -> None:
         """pr [1,Hq,c,ke] probabilities of query rows r0..r1 over keys 0..ke; rb [1,Hq,c,ke/B] their
-        per-block sums; nkeys [1|..,1|Hq,c] keys each row may see; d0 the first row's position."""
+        per-block sums; ent_rows [1,Hq,c] row entropies; nkeys [1|..,1|Hq,c] keys each row may see;
+        d0 the first row's position."""
         st = self.st
         b, hq, c, ke = pr.shape
         bs = st.block_size
         g = acc.groups
         dev = pr.device
         # entropy and its bound
-        ent = -torch.special.xlogy(pr, pr).sum(dim=-1)[0].double()  # [Hq, c]
+        ent = ent_rows[0].double().clamp_min(0.0)  # [Hq, c]
         nk_rows = nkeys.expand(b, hq, c)[0].double()
         logn = torch.log(nk_rows.clamp_min(1.0))
         acc.ent_sum += ent.sum(dim=1).cpu().numpy()
@@ -433,10 +471,10 @@ class Collector:
             band = ((kp <= qp) & (kp > qp - w)) if causal else ((kp - qp).abs() < w)
             acc.local_sum += (pr[..., lo:hi] * band).sum(dim=-1)[0].double().sum(dim=1).cpu().numpy()
         # sinks: column sums over later (causal) / other (non-causal) queries
-        colsum[:ke] += pr.sum(dim=(0, 1, 2), dtype=torch.float64)
+        colsum[:ke] += pr.sum(dim=(0, 1, 2)).double()
         diag = torch.diagonal(pr, offset=d0, dim1=-2, dim2=-1) if d0 < ke else pr.new_zeros(b, hq, 0)
         if diag.shape[-1]:
-            colsum[d0: d0 + diag.shape[-1]] -= diag.sum(dim=(0, 1), dtype=torch.float64)
+            colsum[d0: d0 + diag.shape[-1]] -= diag.sum(dim=(0, 1)).double()
         first = pr[0, :, :, 0].double()  # [Hq, c]
         if d0 <= 0 < d0 + c:
             first = torch.cat([first[:, : -d0], first[:, -d0 + 1:]], dim=1)
@@ -944,7 +982,9 @@ def compare_head_budgets(lm: LoadedModel, cap: Captured, profile: Profile, budge
     all heads). Held-out data: ``texts_heldout`` or the built-in corpus's heldout split
     (``samples`` rows of ``seq_len`` tokens, default the profile's). Returns, per policy, the CE
     on the held-out rows, its increase over dense and the relative L2 error of the final logits
-    (hidden states for non-LM models), plus the settings used.
+    (hidden states for non-LM models), the modelled attention density of each policy at the
+    evaluation length (equal nominal totals are not exactly equal densities: heads at the
+    forced-block floor keep more than their nominal share), plus the settings used.
     """
     from surgeon.profiles.plan import uniform_head_policy
 
@@ -956,7 +996,31 @@ def compare_head_budgets(lm: LoadedModel, cap: Captured, profile: Profile, budge
             "hess_layer": uniform_head_policy(profile, budget, head_budget="hess", scope="layer"),
             "hess_model": uniform_head_policy(profile, budget, head_budget="hess", scope="model")}
     res = evaluate_policies(lm, cap, pols, data)
+    for k, pol in pols.items():
+        res[k]["density"] = policy_density(profile, pol, n)
     return {"budget": float(budget), "samples": samples, "seq_len": n, "data": data.describe(), "results": res}
+
+
+def policy_density(profile: Profile, policy: Policy, n: Optional[int] = None) -> float:
+    """Modelled attention density of ``policy`` at ``n`` tokens (default: the profile's length):
+    mean over sites; dense = 1; block_topk/reuse at the geometric density of their (anchor's)
+    per-head keeps (see :func:`surgeon.profiles.plan.block_topk_density`)."""
+    from surgeon.profiles.plan import block_topk_density
+
+    n = int(n or profile.settings["seq_len"])
+    bs = int(profile.settings["block_size"])
+    out = []
+    for s in profile.sites:
+        ch = policy.sites.get(s.name)
+        if ch is None or ch.variant not in ("block_topk", "reuse"):
+            out.append(1.0)
+            continue
+        src = policy.sites[ch.block_mask_from] if ch.variant == "reuse" and ch.block_mask_from else ch
+        ks = src.params.get("head_keep") or [src.params.get("keep", 1.0)]
+        out.append(float(np.mean(block_topk_density(n, bs, np.asarray(ks, dtype=np.float64), s.causal,
+                                                    int(src.params.get("sink_blocks", 1)),
+                                                    int(src.params.get("local_blocks", 1))))))
+    return float(np.mean(out))
 
 
 def compare_layer_policies(lm: LoadedModel, cap: Captured, profile: Profile, budget: float,
@@ -964,29 +1028,45 @@ def compare_layer_policies(lm: LoadedModel, cap: Captured, profile: Profile, bud
                            samples: int = 2, seq_len: Optional[int] = None, seed: int = 0) -> dict[str, Any]:
     """The planned (HyLRA DP + HeSS) policy vs "first k layers full, the rest block_topk" at equal
     modelled cost, on held-out text. k is the number of FULL layers the plan chose; the
-    baseline's keep solves ``(k + (L − k)(keep + select_cost)) / L = cost(plan)``. Returns CE,
-    CE increase and relative L2 of the final logits for both (see :func:`compare_head_budgets`).
+    baseline's keep is the largest whose block_topk density d (forced blocks included, at the
+    profile's length) satisfies ``(k + (L − k)(d + select_cost)) / L ≤ cost(plan)`` — or the
+    forced-block floor when none does (then ``baseline_cost`` exceeds the plan's; both are
+    returned). Returns CE, CE increase and relative L2 of the final logits for both (see
+    :func:`compare_head_budgets`).
     """
-    from surgeon.profiles.plan import first_k_policy, plan_details
+    from surgeon.profiles.plan import first_k_policy, keep_for_density, plan_details
     from surgeon.profiles.solvers import select_overhead
 
     profile.check_sites([s.name for s in cap.sites])
     det = plan_details(profile, budget, options=options)
     L = len(cap.sites)
     k = sum(1 for r in det.roles if r == "full")
-    sc = select_overhead(int(profile.settings["block_size"]), "prefill")
-    keep_b = (det.cost * L - k) / max(L - k, 1) - sc
-    if not (0 < keep_b <= 1):
+    bs = int(profile.settings["block_size"])
+    sc = select_overhead(bs, "prefill")
+    dens_b = (det.cost * L - k) / max(L - k, 1) - sc  # the baseline's sparse layers' density
+    if not (0 < dens_b <= 1):
         raise BadInput(f"no first-{k}-full baseline matches the plan's cost {det.cost:.4g}", "use another budget")
+    from surgeon.profiles.plan import block_topk_density
+
+    n_ref, causal = int(profile.settings["seq_len"]), bool(cap.sites[-1].causal)
+    sb, lb = int(profile.settings.get("sink_blocks", 1)), int(profile.settings.get("local_blocks", 1))
+    try:
+        keep_b = keep_for_density(n_ref, bs, dens_b, causal, sb, lb)
+    except BadInput:  # the plan's sparse layers sit below block_topk's floor: the baseline pays the floor
+        keep_b = 1e-6
+    dens_real = float(block_topk_density(n_ref, bs, keep_b, causal, sb, lb))
+    cost_b = (k + (L - k) * (dens_real + sc)) / L
     n = int(seq_len or profile.settings["seq_len"])
     data = heldout_data(lm, texts_heldout, samples, n, seed) if lm.is_text else \
         load_calibration(None, lm, samples, n, "heldout", seed=seed)
     pols = {"planned": det.policy, f"first_{k}_full": first_k_policy(profile, k, keep_b)}
     res = evaluate_policies(lm, cap, pols, data)
+    for name, pol in pols.items():
+        res[name]["density"] = policy_density(profile, pol, n)
     return {"budget": float(budget), "cost": det.cost, "full_layers": k, "plan_keep": det.keep,
-            "baseline_keep": keep_b, "roles": det.roles, "samples": samples, "seq_len": n,
+            "baseline_keep": keep_b, "baseline_density": dens_real, "baseline_cost": cost_b, "roles": det.roles, "samples": samples, "seq_len": n,
             "data": data.describe(), "results": res}
 
 
 __all__ = ["CalibrationData", "Collector", "ProfileSettings", "compare_head_budgets", "compare_layer_policies",
-           "evaluate_policies", "heldout_data", "instrument", "policy_modes", "profile"]
+           "evaluate_policies", "heldout_data", "instrument", "policy_density", "policy_modes", "profile"]
