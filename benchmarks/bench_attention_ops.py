@@ -36,11 +36,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgeon.kernels.blocksparse_cpu import block_mask_density, block_pair_counts, block_sparse_attention  # noqa: E402
-from surgeon.variants.base import AttnContext  # noqa: E402
-from surgeon.variants.block_topk import BlockTopK, BlockTopKParams  # noqa: E402
-from surgeon.variants.delta import Delta, DeltaParams, DeltaSparse, DeltaSparseParams  # noqa: E402
-from surgeon.variants.reuse import Reuse, ReuseParams  # noqa: E402
-from surgeon.variants.window_sink import WindowSink, WindowSinkParams, window_density  # noqa: E402
+from surgeon.attention.base import AttnContext  # noqa: E402
+from surgeon.attention.block_topk import BlockTopK, BlockTopKParams  # noqa: E402
+from surgeon.attention.delta import Delta, DeltaParams, DeltaSparse, DeltaSparseParams  # noqa: E402
+from surgeon.attention.reuse import Reuse, ReuseParams  # noqa: E402
+from surgeon.attention.window_sink import WindowSink, WindowSinkParams, window_density  # noqa: E402
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, clock: Callable[[], float] = time.perf_counter

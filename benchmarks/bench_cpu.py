@@ -7,7 +7,7 @@ a  ``cpu_attention_ops.json`` — one attention op alone at ``--op-len`` (8192) 
    (gather fast path) at each of ``--op-budgets``; all ops timed round-robin in the same run.
 b  ``cpu_prefill.json`` — whole-model prefill at ``--prefill-len`` (8192), batch 1, last-token
    logits, the ``--prefill-budget`` (0.15) policy against the same graph with every site dense
-   (:func:`surgeon.bench.bench_program`: alternating rounds, per-site op times inside the prefill).
+   (:func:`surgeon.benchmark.bench_program`: alternating rounds, per-site op times inside the prefill).
 c  ``cpu_perplexity.json`` — held-out perplexity at ``--ppl-len`` (4096) tokens, the
    ``--ppl-budget`` (0.2) policy against dense (the original captured program).
 d  ``cpu_curve.json`` + ``cpu_curve.png`` — speed–fidelity curve over ``--curve-budgets``:
@@ -59,13 +59,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from surgeon.bench import bench_program, device_description, load_average  # noqa: E402
+from surgeon.benchmark import bench_program, device_description, load_average  # noqa: E402
 from surgeon.capture import _sdpa_args, sdpa_nodes  # noqa: E402
 from surgeon.passes.policy import Policy, SiteChoice  # noqa: E402
 from surgeon.passes.rewrite import rewrite, site_config  # noqa: E402
-from surgeon.variants.base import decode_config, encode_config, recording  # noqa: E402
-from surgeon.variants.ops import op_for, register_all  # noqa: E402
-from surgeon.variants.registry import get_variant  # noqa: E402
+from surgeon.attention.base import decode_config, encode_config, recording  # noqa: E402
+from surgeon.attention.ops import op_for, register_all  # noqa: E402
+from surgeon.attention.registry import get_variant  # noqa: E402
 
 MODEL = "smollm2-135m"
 

@@ -250,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         dev_info.update({"capability": list(torch.cuda.get_device_capability(0)),
                          "memory_gib": round(props.total_memory / 2**30, 1), "sm_count": props.multi_processor_count})
     result: dict[str, Any] = {
-        "schema": "surgeon.bench.gpu_kernels/1",
+        "schema": "surgeon.benchmark.gpu_kernels/1",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": dev_info,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,

@@ -4,7 +4,7 @@ Builds three ONNX models of smollm2-135m and times them on the same input, inter
 by round (so background load hits all alike), batch 1, ``--length`` tokens (default 4096):
 
 * ``dense``   identity rewrite (every site ``surgeon::dense``) exported by
-              :func:`surgeon.export.pipeline.export_rewritten` — the dense baseline in the same
+              :func:`surgeon.exporters.pipeline.export_rewritten` — the dense baseline in the same
               representation as the sparse model (an ONNX function per site, standard ops);
 * ``sparse``  a HyLRA-like recipe exported the same way: layers 0-1 dense, then pairs of layers —
               an anchor ``block_topk`` (keep ``--keep`` of the allowed 64-token key blocks,
@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    from surgeon.export import onnx_lowering as L
-    from surgeon.export.pipeline import export_rewritten
+    from surgeon.exporters import onnx_lowering as L
+    from surgeon.exporters.pipeline import export_rewritten
 
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     info = {"machine": machine(), "versions": versions(), "date": started}

@@ -3,6 +3,10 @@
 The public API (``surgeon.load``, ``surgeon.capture``, ``surgeon.inspect``, ``surgeon.variants``,
 ``surgeon.profile``, ``surgeon.plan``, ``surgeon.rewrite``, ``surgeon.evaluate``, ``surgeon.export``,
 ``surgeon.build``, ``surgeon.bench``) is imported lazily so ``import surgeon`` does no work.
+
+No submodule shares a name with an API function (the implementation lives in
+``surgeon.attention``, ``surgeon.exporters``, ``surgeon.build_stages``, ``surgeon.benchmark``), so
+``surgeon.export`` stays the function after any import.
 """
 from __future__ import annotations
 

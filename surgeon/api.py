@@ -36,7 +36,7 @@ def inspect(model: LoadedModel | Captured | str = DEFAULT_MODEL) -> list[Site]:
 
 def variants() -> list[dict[str, Any]]:
     """Registered variants with parameters, defaults, fast paths and exports."""
-    from surgeon.variants.registry import all_variants
+    from surgeon.attention.registry import all_variants
 
     return [v.info() for v in all_variants()]
 
@@ -172,3 +172,29 @@ def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = N
     if report is not None:
         write_report(prof, pol, Path(report), force=force)
     return prof, pol
+
+
+# --------------------------------------------------------------------------- export / build / bench
+
+def export(rewritten: Path | str, fmt: str = "onnx", out: Optional[Path | str] = None, *, opset: int = 18,
+           verify: bool = True, force: bool = False, **options: Any):
+    """Export a folder written by ``surgeon rewrite`` to ONNX (verified in onnxruntime) or a
+    TensorRT engine/bundle; returns the manifest (see :mod:`surgeon.exporters.pipeline`)."""
+    from surgeon.exporters.pipeline import export_rewritten
+
+    return export_rewritten(rewritten, fmt, out, opset=opset, verify=verify, force=force, **options)
+
+
+def build(recipe: Optional[Path | str] = None, out: Path | str = "build", **options: Any) -> dict[str, Any]:
+    """profile → rewrite → export with stage caching; returns the summary (OUT/summary.json)."""
+    from surgeon.build_stages import build as _build
+
+    return _build(Path(recipe) if recipe is not None else None, Path(out), **options)
+
+
+def bench(model_or_dir: Any = None, seq_lens: Any = (2048, 4096, 8192), device: str = "cpu", **options: Any) -> dict[str, Any]:
+    """Dense against rewritten: whole-model and per-site attention time, achieved density
+    (see :mod:`surgeon.benchmark`)."""
+    from surgeon.benchmark import bench as _bench
+
+    return _bench(model_or_dir, seq_lens=seq_lens, device=device, **options)

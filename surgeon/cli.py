@@ -235,7 +235,7 @@ def export(rewritten_dir: Path = typer.Argument(..., metavar="DIR", help="a fold
            force: bool = typer.Option(False, "--force", help="overwrite --out")) -> None:
     """Export a rewritten program to ONNX (surgeon ops as ONNX functions), verified in onnxruntime;
     with --format tensorrt also a TensorRT bundle, and the engine where TensorRT and a GPU exist."""
-    from surgeon.export.pipeline import export_rewritten
+    from surgeon.exporters.pipeline import export_rewritten
 
     steps = _Steps()
     try:
@@ -260,7 +260,7 @@ def build(recipe: Optional[Path] = typer.Option(None, "--recipe", help="build.ya
 
     Stages whose inputs are unchanged since the last run are skipped. Exit 1 if a fidelity limit
     in the recipe (max_ppl_increase) or the export verification fails."""
-    from surgeon.build import build as _build
+    from surgeon.build_stages import build as _build
 
     summary = _build(recipe, out_dir, say=lambda m: err.print(m, markup=False, highlight=False))
     if json_out:
@@ -269,6 +269,51 @@ def build(recipe: Optional[Path] = typer.Option(None, "--recipe", help="build.ya
     out.print(f"build ok in {summary['seconds']:.0f} s → {out_dir}/summary.json")
     for st in summary["stages"]:
         out.print(f"  {st['name']:8s} {st['status']:7s} {st['seconds']:7.1f} s  {', '.join(st['outputs'])}")
+
+
+@app.command()
+@guarded
+def bench(model_or_dir: str = typer.Argument("smollm2-135m", metavar="[MODEL_OR_DIR]",
+                                             help="a folder from `surgeon rewrite` (its policy), or a model "
+                                                  "(rewritten here with uniform block_topk at --budget, no profile)"),
+          seq_len: str = typer.Option("2048,4096,8192", "--seq-len", "--seq-lens",
+                                      help="comma-separated sequence lengths"),
+          device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+          repeats: int = typer.Option(3, "--repeats", help="timed rounds per length (medians reported)"),
+          budget: float = typer.Option(0.15, "--budget", help="keep fraction when MODEL_OR_DIR is a bare model"),
+          json_out: bool = typer.Option(False, "--json", help="print the result as one JSON object")) -> None:
+    """Dense against rewritten: whole-model prefill time, per-site attention time, achieved density."""
+    from surgeon import api
+    from surgeon.errors import BadInput
+
+    try:
+        lens = [int(x) for x in seq_len.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise BadInput(f"--seq-len {seq_len!r} is not a comma-separated list of integers",
+                       "pass e.g. --seq-len 2048,4096,8192") from None
+    steps = _Steps()
+    try:
+        res = api.bench(model_or_dir, seq_lens=lens, device=device, repeats=repeats, budget=budget, progress=steps)
+    finally:
+        steps.stop()
+    if json_out:
+        print(json.dumps(res, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    d = res["device"]
+    t = Table(title=f"{res['model']} on {d.get('gpu') or d.get('cpu') or device}: {res['policy_source']}")
+    for c in ("seq_len", "dense ms", "rewritten ms", "speedup", "attn dense ms", "attn rewritten ms", "attn speedup",
+              "density"):
+        t.add_column(c, justify="right")
+    for r in res["results"]:
+        f = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+        t.add_row(str(r["seq_len"]), f(r["dense_ms"]), f(r["rewritten_ms"]), f(r["speedup"], 2) + "x",
+                  f(r.get("attn_dense_ms")), f(r.get("attn_rewritten_ms")), f(r.get("attn_speedup"), 2) + "x",
+                  f(r["density"], 3))
+    out.print(t)
+    if res.get("skipped_seq_lens"):
+        out.print(f"skipped lengths outside the model's range: {res['skipped_seq_lens']}")
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from surgeon.errors import BadInput
-from surgeon.variants.base import recording
+from surgeon.attention.base import recording
 
 
 @dataclass

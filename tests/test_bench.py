@@ -1,4 +1,4 @@
-"""surgeon.bench: a rewritten MiniLM folder against its densified copy at short lengths.
+"""surgeon.benchmark: a rewritten MiniLM folder against its densified copy at short lengths.
 
 No timing thresholds: the tests check the result's fields, the density the recorder reports,
 the graph edits (densify / last-token head / site timers) and the errors.
@@ -11,11 +11,11 @@ import operator
 import pytest
 import torch
 
-from surgeon.bench import bench, bench_program, densify, last_token_only, surgeon_nodes, SiteTimer
+from surgeon.benchmark import bench, bench_program, densify, last_token_only, surgeon_nodes, SiteTimer
 from surgeon.errors import BadInput
 from surgeon.passes.policy import uniform_policy
 from surgeon.passes.rewrite import rewrite, save_rewritten
-from surgeon.variants.base import decode_config
+from surgeon.attention.base import decode_config
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +120,18 @@ def test_site_timer_records_each_site_only_when_active(minilm_sparse, minilm):
     assert timer.take() == {}
 
 
-def test_bench_refuses_a_model_and_missing_cuda(tmp_path, minilm_sparse, minilm):
-    with pytest.raises(BadInput, match="not a rewritten folder"):
-        bench("minilm-l6", seq_lens=(64,))
+def test_bench_a_bare_model_is_uniform_block_topk_and_labelled(minilm):
+    out = bench(minilm, seq_lens=(64,), repeats=1, budget=0.3, block_size=16)
+    assert out["counts"] == {"block_topk": 6} and out["rewritten"] is None
+    assert "uniform block_topk keep=0.3" in out["policy_source"] and "fidelity" in out["policy_source"]
+    (r,) = out["results"]
+    assert r["seq_len"] == 64 and 0 < r["density"] < 1 and r["speedup"] > 0
+
+
+def test_bench_refuses_bad_budget_and_missing_cuda(tmp_path, minilm_sparse, minilm):
+    for b in (0.0, 1.5):
+        with pytest.raises(BadInput, match="outside"):
+            bench(minilm, seq_lens=(64,), budget=b)
     if not torch.cuda.is_available():
         with pytest.raises(BadInput, match="no CUDA"):
             bench(tmp_path, device="cuda")

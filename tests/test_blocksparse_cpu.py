@@ -13,14 +13,14 @@ import torch
 
 import surgeon.kernels.blocksparse_cpu as bsk
 from surgeon.errors import BadInput
-from surgeon.variants import AttnContext, recording, use_impl
-from surgeon.variants.base import Variant, attention_from_keep, encode_config
-from surgeon.variants.block_topk import BlockTopK, BlockTopKParams
-from surgeon.variants.delta import Delta, DeltaParams, DeltaSparse, DeltaSparseParams, page_scores
-from surgeon.variants.dense import Dense
-from surgeon.variants.ops import op_for
-from surgeon.variants.reuse import Reuse, ReuseParams
-from surgeon.variants.window_sink import WindowSink, WindowSinkParams
+from surgeon.attention import AttnContext, recording, use_impl
+from surgeon.attention.base import Variant, attention_from_keep, encode_config
+from surgeon.attention.block_topk import BlockTopK, BlockTopKParams
+from surgeon.attention.delta import Delta, DeltaParams, DeltaSparse, DeltaSparseParams, page_scores
+from surgeon.attention.dense import Dense
+from surgeon.attention.ops import op_for
+from surgeon.attention.reuse import Reuse, ReuseParams
+from surgeon.attention.window_sink import WindowSink, WindowSinkParams
 
 
 def _qkv(b=2, hq=6, hkv=2, nq=80, nk=None, d=8, seed=0, dtype=torch.float64):
@@ -220,7 +220,7 @@ def test_block_pair_counts_and_density_match_token_count():
         pad = _pad(2, nk, (0, 5))
         counts = bsk.block_pair_counts(nq, nk, qb, kb, causal, pad, torch.device("cpu"))
         ctx = AttnContext(causal=causal, scale=1.0, kv_heads=1, key_padding=pad)
-        from surgeon.variants.base import allowed_mask
+        from surgeon.attention.base import allowed_mask
         allow = allowed_mask(ctx, 2, nq, nk, torch.device("cpu"))[:, 0].double()
         nqb, nkb = math.ceil(nq / qb), math.ceil(nk / kb)
         bm = _random_mask(2, 3, nqb, nkb, 0.5, seed=nq)
@@ -305,7 +305,7 @@ def test_delta_page_scores_and_selection_brute_force(monkeypatch):
     ctx = AttnContext(causal=True, scale=0.3, kv_heads=2)
     want = _brute_page_scores(q, k, ctx, 8, 16, 5)
     for elems in [1 << 22, 1]:  # one chunk, one query block per chunk
-        monkeypatch.setattr("surgeon.variants.delta._SCORE_CHUNK_ELEMS", elems)
+        monkeypatch.setattr("surgeon.attention.delta._SCORE_CHUNK_ELEMS", elems)
         torch.testing.assert_close(page_scores(q, k, ctx, 8, 16, 5), want, rtol=1e-12, atol=1e-12)
     dp = DeltaParams(keep=0.3, page_size=8, q_block=16, sink_pages=1, recent_pages=2, score_queries=5)
     sel = Delta().select(q, k, ctx, dp)[:, 0]

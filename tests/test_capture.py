@@ -7,7 +7,7 @@ import torch
 from surgeon.capture import capture, export_module
 from surgeon.passes.policy import identity_policy
 from surgeon.passes.rewrite import load_rewritten, rewrite, save_rewritten
-from surgeon.variants import use_impl
+from surgeon.attention import use_impl
 
 EXPECT = {
     "smollm2": dict(n=30, heads=9, kv_heads=3, head_dim=64, causal=True),

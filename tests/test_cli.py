@@ -19,7 +19,7 @@ def run(*args):
 def test_help_lists_commands():
     r = run("--help")
     assert r.exit_code == 0
-    for cmd in ("inspect", "variants"):
+    for cmd in ("inspect", "variants", "profile", "rewrite", "eval", "export", "build", "bench"):
         assert cmd in r.output
 
 
@@ -86,3 +86,29 @@ def test_file_that_is_not_a_model(tmp_path, monkeypatch):
     r = run("inspect", str(folder))
     _one_line_error(r, 2, "not a Hugging Face model folder")
     assert sorted(os.listdir(tmp_path)) == ["broken.gguf", "empty_dir", "notes.txt"]
+
+
+def test_bench_json_fields_and_bad_lengths(minilm_dir_for_cli):
+    r = run("bench", str(minilm_dir_for_cli), "--seq-len", "64,96", "--repeats", "1", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["device"]["device"] == "cpu" and [x["seq_len"] for x in d["results"]] == [64, 96]
+    for x in d["results"]:
+        assert {"seq_len", "dense_ms", "rewritten_ms", "speedup", "density"} <= set(x)
+        assert x["speedup"] == pytest.approx(x["dense_ms"] / x["rewritten_ms"])
+    r = run("bench", str(minilm_dir_for_cli), "--seq-len", "64,abc")
+    assert r.exit_code == 2 and "comma-separated" in r.output
+    r = run("bench", str(minilm_dir_for_cli), "--seq-len", "100000")
+    assert r.exit_code == 2 and "fits" in r.output
+
+
+@pytest.fixture(scope="module")
+def minilm_dir_for_cli(tmp_path_factory, minilm, minilm_cap):
+    from surgeon.passes.policy import uniform_policy
+    from surgeon.passes.rewrite import rewrite, save_rewritten
+
+    names = [s.name for s in minilm_cap.sites]
+    pol = uniform_policy(minilm.fingerprint(), names, "block_topk", {"keep": 0.3, "block_size": 16})
+    out = tmp_path_factory.mktemp("cli-bench") / "rw"
+    save_rewritten(out, minilm_cap, rewrite(minilm_cap, pol))
+    return out

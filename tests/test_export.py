@@ -23,16 +23,16 @@ import torch
 
 from surgeon.artifacts import file_sha256
 from surgeon.errors import BadInput, CheckFailed
-from surgeon.export import blocksparse_lowering as BL
-from surgeon.export import onnx_lowering as L
-from surgeon.export import tensorrt as T
-from surgeon.export.pipeline import SUPPORTED_OPSETS, ExportManifest, VerificationFailed, export_rewritten
+from surgeon.exporters import blocksparse_lowering as BL
+from surgeon.exporters import onnx_lowering as L
+from surgeon.exporters import tensorrt as T
+from surgeon.exporters.pipeline import SUPPORTED_OPSETS, ExportManifest, VerificationFailed, export_rewritten
 from surgeon.passes.policy import identity_policy, policy_from_recipe
 from surgeon.passes.rewrite import rewrite, save_rewritten
-from surgeon.variants import AttnContext, get_variant, use_impl
-from surgeon.variants.base import encode_config
-from surgeon.variants.ops import op_for
-from surgeon.variants.registry import VARIANTS
+from surgeon.attention import AttnContext, get_variant, use_impl
+from surgeon.attention.base import encode_config
+from surgeon.attention.ops import op_for
+from surgeon.attention.registry import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def test_every_lowered_sparse_variant_exports_and_bundles(tiny_sparse, tmp_path)
     for script in ("build_engine.py", "plugins/surgeon_qdp.py", "plugins/surgeon_runtime.py"):
         py_compile.compile(str(out / script), doraise=True)
     # the build script stops with exit 2 and a clear message where TensorRT is missing
-    from surgeon.export.trt_plugins import build_engine as B
+    from surgeon.exporters.trt_plugins import build_engine as B
 
     assert B.main(["--bundle", str(out)]) == B.EXIT_USAGE
     shapes = B.profile_shapes(json.loads((out / "manifest.json").read_text()), {"seq": (16, 64, 256)})
@@ -335,7 +335,7 @@ def test_gathered_lowering_equals_token_mask_lowering_and_op(name):
 def test_plugin_runtime_computes_the_op_from_int32_masks():
     """surgeon_runtime.compute (the TensorRT plugins' body) on CPU: int32 padding/block masks in,
     int32 flattened block mask out, same values as the op."""
-    from surgeon.export.trt_plugins.surgeon_runtime import compute
+    from surgeon.exporters.trt_plugins.surgeon_runtime import compute
 
     hq, hkv, d, n = 6, 2, 16, 48
     g = torch.Generator().manual_seed(0)
@@ -357,11 +357,11 @@ def test_plugin_runtime_computes_the_op_from_int32_masks():
 
 _TRITON_SCRIPT = r"""
 import json, torch
-from surgeon.export.trt_plugins import surgeon_runtime as R
+from surgeon.exporters.trt_plugins import surgeon_runtime as R
 from surgeon.kernels.triton_common import interpreter_active
-from surgeon.variants import get_variant, use_impl
-from surgeon.variants.base import encode_config
-from surgeon.variants.ops import op_for
+from surgeon.attention import get_variant, use_impl
+from surgeon.attention.base import encode_config
+from surgeon.attention.ops import op_for
 hq, hkv, d, n = 4, 2, 16, 40
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, h, n, d, generator=g) for h in (hq, hkv, hkv))

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-import surgeon.variants.modulation as modulation
+import surgeon.attention.modulation as modulation
 from surgeon.errors import BadInput
 from surgeon.profiles.modulation import (
     find_sink_dims,
@@ -28,14 +28,14 @@ from surgeon.profiles.modulation import (
     var_head_fraction,
     var_head_rows,
 )
-from surgeon.variants import AttnContext, recording, use_impl
-from surgeon.variants.dense import Dense
-from surgeon.variants.head_boost import HeadBoost, HeadBoostParams
-from surgeon.variants.identity_blend import IdentityBlend, IdentityBlendParams
-from surgeon.variants.local_boost import LocalBoost, LocalBoostParams
-from surgeon.variants.registry import get_variant
-from surgeon.variants.sink_redistribute import SinkRedistribute, SinkRedistributeParams
-from surgeon.variants.temperature import Temperature, TemperatureParams
+from surgeon.attention import AttnContext, recording, use_impl
+from surgeon.attention.dense import Dense
+from surgeon.attention.head_boost import HeadBoost, HeadBoostParams
+from surgeon.attention.identity_blend import IdentityBlend, IdentityBlendParams
+from surgeon.attention.local_boost import LocalBoost, LocalBoostParams
+from surgeon.attention.registry import get_variant
+from surgeon.attention.sink_redistribute import SinkRedistribute, SinkRedistributeParams
+from surgeon.attention.temperature import Temperature, TemperatureParams
 
 B, HQ, HKV, N, D = 2, 4, 2, 16, 8
 SCALE = D ** -0.5
@@ -404,7 +404,7 @@ def test_identity_blend_needs_self_attention():
 
 
 def test_params_round_trip_through_json():
-    from surgeon.variants.base import decode_config, encode_config
+    from surgeon.attention.base import decode_config, encode_config
 
     for name in ["temperature", "head_boost", "identity_blend", "local_boost", "sink_redistribute"]:
         var = get_variant(name)

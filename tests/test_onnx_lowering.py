@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.export import onnx_lowering as L
-from surgeon.variants import AttnContext, all_variants, get_variant, use_impl
-from surgeon.variants.base import encode_config
-from surgeon.variants.dense import DenseParams
-from surgeon.variants.ops import op_for
-from surgeon.variants.registry import VARIANTS
+from surgeon.exporters import onnx_lowering as L
+from surgeon.attention import AttnContext, all_variants, get_variant, use_impl
+from surgeon.attention.base import encode_config
+from surgeon.attention.dense import DenseParams
+from surgeon.attention.ops import op_for
+from surgeon.attention.registry import VARIANTS
 
 HQ, HKV, D = 6, 2, 8
 

@@ -26,8 +26,8 @@ from surgeon.profiles.plan import PlanOptions, block_topk_density, keep_for_dens
 from surgeon.profiles.profile_doc import Profile
 from surgeon.profiles.report import write_report
 from surgeon.profiles.solvers import policy_cost, select_overhead
-from surgeon.variants.base import AttnContext
-from surgeon.variants.registry import get_variant
+from surgeon.attention.base import AttnContext
+from surgeon.attention.registry import get_variant
 
 SMALL = dict(samples=2, seq_len=128, block_size=16, grad_samples=1, sens_samples=1)
 

@@ -22,14 +22,14 @@ from surgeon.kernels.blocksparse_cpu import (
     sink_local_blocks,
     upsample_block_mask,
 )
-from surgeon.variants import AttnContext, recording, use_impl
-from surgeon.variants.base import attention_from_keep, repeat_kv
-from surgeon.variants.dense import Dense
-from surgeon.variants.dhsa import DHSA, DHSAParams, chunk_reps, select_chunks
-from surgeon.variants.knn import KNN, KNNParams
-from surgeon.variants.pyramid import Pyramid, PyramidParams, assign_levels, build_bank, pyramid_gather
-from surgeon.variants.routing import Routing, RoutingParams, grid_of
-from surgeon.variants.token_topk import TokenTopK, TokenTopKParams, select_tokens, selection_keep
+from surgeon.attention import AttnContext, recording, use_impl
+from surgeon.attention.base import attention_from_keep, repeat_kv
+from surgeon.attention.dense import Dense
+from surgeon.attention.dhsa import DHSA, DHSAParams, chunk_reps, select_chunks
+from surgeon.attention.knn import KNN, KNNParams
+from surgeon.attention.pyramid import Pyramid, PyramidParams, assign_levels, build_bank, pyramid_gather
+from surgeon.attention.routing import Routing, RoutingParams, grid_of
+from surgeon.attention.token_topk import TokenTopK, TokenTopKParams, select_tokens, selection_keep
 
 
 def _qkv(b=2, hq=6, hkv=2, nq=80, nk=None, d=8, seed=0, dtype=torch.float64):
@@ -425,7 +425,7 @@ def test_knn_context_token_matters_and_ties_are_kept():
 
 
 def test_knn_chunked_path_spans_several_row_chunks():
-    import surgeon.variants.knn as knn_mod
+    import surgeon.attention.knn as knn_mod
 
     q, k, v = _qkv(1, 3, 1, 300, nk=420, dtype=torch.float32)
     pad = _pad(1, 420, (5,))
@@ -475,7 +475,7 @@ def test_routing_matches_brute_force_on_uneven_grid():
     q, k, v = _qkv(2, 4, 2, n)
     pad = _pad(2, n, (0, 4))
     ctx = _ctx(False, pad=pad)
-    from surgeon.variants.routing import routing_keep
+    from surgeon.attention.routing import routing_keep
 
     got = routing_keep(q, k, ctx, p)[:, 0]
     assert torch.equal(got, _routing_brute(q, k, ctx, p, 5, 7))
@@ -487,7 +487,7 @@ def test_routing_causal_is_per_token_and_causal():
     q, k, v = _qkv(1, 4, 2, 37)
     ctx = _ctx(True)
     assert not Routing().fast_available("gather", q, ctx, p)
-    from surgeon.variants.routing import route_tokens
+    from surgeon.attention.routing import route_tokens
 
     grid = grid_of(37, p, q.device, q.dtype)
     sel = route_tokens(q, k, ctx, p, grid)  # [1, 37, 9]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgeon.variants import AttnContext, all_variants, use_impl
-from surgeon.variants.base import encode_config
-from surgeon.variants.dense import Dense
-from surgeon.variants.ops import op_for
+from surgeon.attention import AttnContext, all_variants, use_impl
+from surgeon.attention.base import encode_config
+from surgeon.attention.dense import Dense
+from surgeon.attention.ops import op_for
 
 VARIANTS = all_variants()
 IDS = [v.name for v in VARIANTS]

@@ -4,7 +4,7 @@ Shared by the ``block_topk``, ``reuse``, ``window_sink``, ``delta`` and ``delta_
 variants. Everything here is plain torch (no compilation) and never materialises an
 Nq×Nk score matrix for all heads at once.
 
-Conventions (see :mod:`surgeon.variants.base`): q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D], query head h
+Conventions (see :mod:`surgeon.attention.base`): q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D], query head h
 reads KV head ``h // (Hq // Hkv)``; for causal sites the queries are the last Nq of the Nk
 positions, so query row i sits at position ``off + i`` with ``off = Nk - Nq`` (the same
 offset convention is used for the non-causal block/window geometry).

@@ -9,7 +9,7 @@ used to merge a group's gathered keys with its causal block); a row-broadcast ad
 carries padding, empty slots and pooled-key biases at no extra cost. Without that kernel
 (other devices, or ``fused=False``) the same math runs in plain torch.
 
-Conventions (see :mod:`surgeon.variants.base`): q [B,Hq,Nq,D]; the key *bank* is
+Conventions (see :mod:`surgeon.attention.base`): q [B,Hq,Nq,D]; the key *bank* is
 [B,Hkv,M,D] (M = Nk for plain keys; larger when pooled keys are appended, as in ``pyramid``);
 query head h reads bank head ``h // (Hq // Hkv)``.
 """

@@ -63,7 +63,7 @@ def policy_from_recipe(recipe: dict[str, Any], fingerprint: str, site_names: lis
     Later globs override earlier ones; sites matched by no glob keep ``base`` (or dense).
     A glob that matches no site is an error naming the sites.
     """
-    from surgeon.variants.registry import VARIANTS
+    from surgeon.attention.registry import VARIANTS
 
     if not isinstance(recipe, dict) or not recipe:
         raise BadInput("the recipe is empty or not a mapping", 'write it as {"<site glob>": {variant: NAME, ...}}')

@@ -21,9 +21,9 @@ from surgeon.artifacts import Artifact, atomic_write_bytes, canonical_json
 from surgeon.capture import SDPA, Captured, Site, _sdpa_args, export_module, sdpa_nodes
 from surgeon.errors import ArtifactMismatch, BadInput
 from surgeon.passes.policy import Policy, SiteChoice
-from surgeon.variants.base import encode_config
-from surgeon.variants.ops import op_for, register_all
-from surgeon.variants.registry import VARIANTS, get_variant
+from surgeon.attention.base import encode_config
+from surgeon.attention.ops import op_for, register_all
+from surgeon.attention.registry import VARIANTS, get_variant
 
 log = logging.getLogger(__name__)
 

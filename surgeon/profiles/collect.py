@@ -78,8 +78,8 @@ from surgeon.passes.policy import Policy
 from surgeon.profiles.data import CalibrationData, load_calibration
 from surgeon.profiles.profile_doc import Profile, SiteProfile
 from surgeon.profiles.solvers import directed_overlap, iqr_clip_mean
-from surgeon.variants.base import AttnContext, VariantParams, unrepeat_kv
-from surgeon.variants.registry import get_variant
+from surgeon.attention.base import AttnContext, VariantParams, unrepeat_kv
+from surgeon.attention.registry import get_variant
 
 log = logging.getLogger(__name__)
 

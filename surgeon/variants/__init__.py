@@ -1,5 +1,0 @@
-"""Attention variants: registry, anatomy and the ``surgeon::`` custom ops."""
-from surgeon.variants.base import AttnContext, Variant, VariantParams, use_impl, recording
-from surgeon.variants.registry import VARIANTS, all_variants, get_variant
-
-__all__ = ["AttnContext", "Variant", "VariantParams", "use_impl", "recording", "VARIANTS", "all_variants", "get_variant"]
