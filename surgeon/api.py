@@ -148,30 +148,74 @@ def evaluate(model_or_dir: str, *, data: Optional[str] = None, seq_len: int = 10
 
 # --------------------------------------------------------------------------- profile
 
+def _check_report_budget(cap: Captured, budget: float, seq_len: int, block_size: int, options: dict) -> None:
+    """Refuse, before any calibration work, a report budget no plan can meet at this length."""
+    import math
+
+    from surgeon.errors import BadInput
+    from surgeon.profiles.plan import block_topk_density
+    from surgeon.profiles.solvers import select_overhead
+
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:
+        raise BadInput(f"--budget {budget} is outside (0, 1]", "give the fraction of dense attention compute, e.g. 0.15")
+    if seq_len < 1 or block_size < 1:
+        return  # the profiler reports these itself
+    sb, lb = int(options.get("sink_blocks", 1)), int(options.get("local_blocks", 1))
+    floor = sum(float(block_topk_density(seq_len, block_size, 0.0, s.causal, sb, lb)) for s in cap.sites)
+    floor = (floor + select_overhead(block_size, "prefill")) / max(len(cap.sites), 1)  # one selecting anchor
+    if float(budget) < floor - 1e-9:
+        raise BadInput(f"--budget {budget} is below the cheapest plan at {seq_len} tokens with {block_size}-token "
+                       f"blocks (≈{floor:.3g} of dense attention: block_topk always keeps its sink, local and "
+                       "diagonal blocks)", f"raise --budget to at least {math.ceil(floor * 1000) / 1000:.3f}, or "
+                       "profile longer sequences (--seq-len) or smaller blocks (--block-size)")
+
+
 def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = None, samples: int = 8,
             seq_len: int = 2048, block_size: int = 64, seed: int = 0, out: Optional[Path | str] = "profile.json",
             report: Optional[Path | str] = "report.html", budget: float = 0.15, force: bool = False,
             progress: Any = None, **options: Any):
     """Calibrate MODEL: statistics per site/head, write profile.json and report.html (with the
-    policy at ``budget``). Outputs are checked before any work and written atomically."""
+    policy at ``budget``). Outputs are checked before any work and written atomically.
+
+    Under torchrun (WORLD_SIZE > 1) the samples are split across ranks and rank 0 alone writes;
+    other ranks return ``(None, None)`` (see :mod:`surgeon.profiles.distributed`)."""
     from surgeon.artifacts import check_writable_output
     from surgeon.profiles.collect import profile as _profile
     from surgeon.profiles.plan import plan as _plan
     from surgeon.profiles.report import write_report
 
-    for p in (out, report):
-        if p is not None:
-            check_writable_output(Path(p), force)
-    lm = _load(model) if isinstance(model, str) else model
-    cap = _capture(lm)
-    prof = _profile(lm, cap, data_path=data, samples=samples, seq_len=seq_len, block_size=block_size, seed=seed,
-                    progress=progress, **options)
-    pol = _plan(prof, budget)
-    if out is not None:
-        prof.save(Path(out), force=force)
-    if report is not None:
-        write_report(prof, pol, Path(report), force=force)
-    return prof, pol
+    from surgeon.profiles import distributed
+
+    world = distributed.init_from_env()  # torchrun: join the process group (None: one process)
+    try:
+        err: Optional[BaseException] = None
+        try:
+            if world is None or world.rank == 0:  # rank 0 alone writes
+                for p in (out, report):
+                    if p is not None:
+                        check_writable_output(Path(p), force)
+            lm = _load(model) if isinstance(model, str) else model
+            cap = _capture(lm)
+            if lm.is_text:
+                _check_report_budget(cap, budget, seq_len, block_size, options)
+        except BaseException as e:  # noqa: BLE001 — distributed: every rank learns of it below
+            if world is None:
+                raise
+            err = e
+        if world is not None:
+            world.agree(err)
+        prof = _profile(lm, cap, data_path=data, samples=samples, seq_len=seq_len, block_size=block_size,
+                        seed=seed, progress=progress, **options)
+        if prof is None:  # a distributed rank other than 0
+            return None, None
+        pol = _plan(prof, budget)
+        if out is not None:
+            prof.save(Path(out), force=force)
+        if report is not None:
+            write_report(prof, pol, Path(report), force=force)
+        return prof, pol
+    finally:
+        distributed.shutdown()
 
 
 # --------------------------------------------------------------------------- export / build / bench

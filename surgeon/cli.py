@@ -142,8 +142,9 @@ def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
 
     from surgeon import api
 
+    rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 draws progress and reports
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=False) as prog:
+                  TimeElapsedColumn(), console=err, transient=False, disable=rank != 0) as prog:
         tasks: dict[str, Any] = {}
         setup = prog.add_task("loading and capturing", total=None)
 
@@ -155,6 +156,8 @@ def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
 
         prof, pol = api.profile(model, data=data, samples=samples, seq_len=seq_len, block_size=block_size,
                                 seed=seed, out=out_path, report=report, budget=budget, force=force, progress=progress)
+    if prof is None:  # a distributed rank other than 0: rank 0 wrote the profile
+        return
     counts: dict[str, int] = {}
     for ch in pol.sites.values():
         counts[ch.variant] = counts.get(ch.variant, 0) + 1

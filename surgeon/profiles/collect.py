@@ -214,6 +214,24 @@ class _SiteAcc:
         self.sens: list[float] = []
         self.sens_l2: list[float] = []
 
+    _SUMS = ("cov_sum", "cov_n", "ent_sum", "ent_norm_sum", "ent_norm_rows", "entmax_sum", "rows", "local_sum",
+             "sink0_sum", "sink0_rows", "sink_score_sum", "sink_samples", "secondary", "d2", "o2", "hess_n")
+    _LISTS = ("f90", "f95", "g90", "sens", "sens_l2")
+
+    def merge(self, o: "_SiteAcc") -> None:
+        """Add the contributions of ``o`` (one unit of work) to these totals."""
+        for name in self._SUMS:
+            setattr(self, name, getattr(self, name) + getattr(o, name))
+        for t in HESS_TERMS:
+            self.hess_sq[t] = self.hess_sq[t] + o.hess_sq[t]
+        for name in self._LISTS:
+            getattr(self, name).extend(getattr(o, name))
+
+    def __getstate__(self) -> dict[str, Any]:  # what travels between ranks: no tensors, no site
+        d = dict(self.__dict__)
+        d["site"], d["colsum"], d["masks"] = None, None, []
+        return d
+
 
 @dataclass
 class _Mode:
@@ -229,6 +247,44 @@ class _Mode:
 _MASKED = -1e30
 
 
+@dataclass
+class _Unit:
+    """What one (pass, sample) contributed: pass 0 statistics, 1 gradients, 2 sensitivity."""
+    key: tuple[int, int]
+    acc: list[_SiteAcc]
+    overlap_masks: list[np.ndarray]
+    overlap_ok: bool
+    secondary: list[dict[str, Any]]
+    sink_primary: list[list[float]]
+
+
+class _Totals:
+    """The merged units (the fields :func:`_build` reads, named as on :class:`Collector`)."""
+
+    def __init__(self, cap: Captured, st: "ProfileSettings") -> None:
+        self.acc = []
+        for s in cap.sites:
+            g = s.kv_heads if s.kv_heads > 0 and s.heads % s.kv_heads == 0 else s.heads
+            self.acc.append(_SiteAcc(s, s.heads, g, len(st.keep_grid)))
+        self.overlap_masks: list[np.ndarray] = []
+        self.overlap_ok = True
+        self.secondary: list[dict[str, Any]] = []
+        self.sink_primary: list[list[float]] = [[] for _ in cap.sites]
+        self.keys: list[tuple[int, int]] = []
+
+    def merge(self, u: _Unit) -> None:
+        if self.keys and tuple(u.key) <= self.keys[-1]:
+            raise RuntimeError(f"profile units merged out of order: {u.key} after {self.keys[-1]}")
+        self.keys.append(tuple(u.key))
+        for a, b in zip(self.acc, u.acc):
+            a.merge(b)
+        self.overlap_masks.extend(u.overlap_masks)
+        self.overlap_ok = self.overlap_ok and u.overlap_ok
+        self.secondary.extend(u.secondary)
+        for a, b in zip(self.sink_primary, u.sink_primary):
+            a.extend(b)
+
+
 class _StopForward(Exception):
     """Raised after the last site in statistics-only passes (the rest of the model is unused)."""
 
@@ -241,19 +297,32 @@ class Collector:
         self.sites = cap.sites
         self.st = st
         self.mode = _Mode()
-        self.acc: list[_SiteAcc] = []
-        for s in self.sites:
-            g = s.kv_heads if s.kv_heads > 0 and s.heads % s.kv_heads == 0 else s.heads
-            self.acc.append(_SiteAcc(s, s.heads, g, len(st.keep_grid)))
         self.deltas: dict[int, torch.Tensor] = {}
         self.zs: dict[int, torch.Tensor] = {}
         self.produced: dict[int, torch.Tensor] = {}
         self.sample_sinks: dict[int, list[tuple[int, float, float]]] = {}
+        self._buf: dict[str, torch.Tensor] = {}
+        self.new_unit()
+
+    # -- units of work ------------------------------------------------------------------
+    # Every (pass, sample) accumulates into fresh sums (a "unit"); the totals are the units merged
+    # in (pass, sample) order. A single process merges each unit as it finishes; distributed
+    # ranks compute disjoint units and rank 0 merges all of them in the same order — so the
+    # profile does not depend on how the samples were split (see surgeon.profiles.distributed).
+    def new_unit(self) -> None:
+        self.acc: list[_SiteAcc] = []
+        for s in self.sites:
+            g = s.kv_heads if s.kv_heads > 0 and s.heads % s.kv_heads == 0 else s.heads
+            self.acc.append(_SiteAcc(s, s.heads, g, len(self.st.keep_grid)))
         self.overlap_masks: list[np.ndarray] = []  # per sample [T, L, G, nkb]
         self.overlap_ok = True
         self.secondary: list[dict[str, Any]] = []
         self.sink_primary: list[list[float]] = [[] for _ in self.sites]
-        self._buf: dict[str, torch.Tensor] = {}
+
+    def take_unit(self, key: tuple[int, int]) -> "_Unit":
+        u = _Unit(key, self.acc, self.overlap_masks, self.overlap_ok, self.secondary, self.sink_primary)
+        self.new_unit()
+        return u
 
     def _scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A reusable buffer of ``shape`` (grown on demand): big chunk tensors are not re-allocated
@@ -724,6 +793,10 @@ def profile(
     :class:`ProfileSettings` fields (ref_keep, grad_seq_len, sens_samples, ...). ``progress`` is
     called as ``progress(stage, done, total)`` with stages "statistics", "gradients",
     "sensitivity". Deterministic: same inputs and seed → byte-identical ``to_json()``.
+
+    Distributed (torchrun, see :mod:`surgeon.profiles.distributed`): when this process has joined
+    a process group of N > 1 ranks, it computes its share of the units and rank 0 returns the
+    merged profile; other ranks return None. A failure on any rank raises on every rank.
     """
     if texts is not None and data_path is not None:
         raise BadInput("both texts and data_path were given", "pass one calibration source")
@@ -742,32 +815,74 @@ def profile(
     grad_n, grad_len = int(rs["grad_samples"]), int(rs["grad_seq_len"])
     combined = bool(rs["gradients"]) and grad_len >= n_tok and data.is_text
     ids_all = data.inputs[0] if data.is_text else None
-    with _frozen_params(gm):
-        # ---- pass 1: statistics (a)-(e), and HeSS (f) when the gradient window is the full row
-        for s in range(data.samples):
-            inputs = data.row(s)
-            with_grad = combined and s < grad_n
-            col.mode = _Mode(stats=True, delta=True, keep_delta=with_grad, grad=with_grad,
-                             stop_after=None if with_grad else L - 1)
-            if with_grad:
-                _grad_step(gm, col, inputs)
-            else:
-                with torch.no_grad():
-                    _run(gm, inputs)
-            col.end_stats_sample(s, ids_all[s:s + 1] if ids_all is not None else None, lm.tokenizer)
-            col.deltas, col.zs = {}, {}
-            _emit(progress, "statistics", s + 1, data.samples)
-        # ---- pass 2: HeSS gradients on shorter windows
-        if rs["gradients"] and not combined:
-            for s in range(grad_n):
-                col.mode = _Mode(delta=True, keep_delta=True, grad=True)
-                _grad_step(gm, col, data.row(s, grad_len))
-                _emit(progress, "gradients", s + 1, grad_n)
-        # ---- pass 3: per-layer sensitivity
-        if rs["sensitivity"]:
-            _sensitivity(gm, col, data, int(rs["sens_samples"]), int(rs["sens_seq_len"]), st, lm_loss, progress)
+    # units of work: (pass, sample); pass 0 statistics (a)-(e) (+ HeSS when the gradient window
+    # is the whole row), 1 HeSS gradients on shorter windows, 2 per-layer sensitivity
+    units = [(0, s_) for s_ in range(data.samples)]
+    if rs["gradients"] and not combined:
+        units += [(1, s_) for s_ in range(grad_n)]
+    if rs["sensitivity"]:
+        units += [(2, s_) for s_ in range(int(rs["sens_samples"]))]
+    from surgeon.profiles import distributed as dist
+
+    world = dist.current()
+    mine = units if world is None else world.split(units)
+    totals = _Totals(cap, st)
+    done_units: list[_Unit] = []
+    stage_names = ("statistics", "gradients", "sensitivity")
+    stage_total = {k: sum(1 for u in mine if u[0] == k) for k in range(3)}
+    stage_total[2] *= L + 1
+    stage_done = {0: 0, 1: 0, 2: 0}
+
+    def tick(stage: int, n: int = 1) -> None:
+        stage_done[stage] += n
+        _emit(progress, stage_names[stage], stage_done[stage], stage_total[stage])
+
+    err: Optional[BaseException] = None
+    try:
+        if world is not None:
+            world.maybe_fail("profile")
+        with _frozen_params(gm):
+            for key in mine:
+                stage, s_ = key
+                if stage == 0:
+                    inputs = data.row(s_)
+                    with_grad = combined and s_ < grad_n
+                    col.mode = _Mode(stats=True, delta=True, keep_delta=with_grad, grad=with_grad,
+                                     stop_after=None if with_grad else L - 1)
+                    if with_grad:
+                        _grad_step(gm, col, inputs)
+                    else:
+                        with torch.no_grad():
+                            _run(gm, inputs)
+                    col.end_stats_sample(s_, ids_all[s_:s_ + 1] if ids_all is not None else None, lm.tokenizer)
+                    col.deltas, col.zs = {}, {}
+                    tick(0)
+                elif stage == 1:
+                    col.mode = _Mode(delta=True, keep_delta=True, grad=True)
+                    _grad_step(gm, col, data.row(s_, grad_len))
+                    tick(1)
+                else:
+                    _sensitivity_sample(gm, col, data.row(s_, int(rs["sens_seq_len"]) if data.is_text else None),
+                                        st, lm_loss, lambda: tick(2))
+                unit = col.take_unit(key)
+                if world is None:
+                    totals.merge(unit)
+                else:
+                    done_units.append(unit)
+    except BaseException as e:  # noqa: BLE001 — re-raised below (distributed: on every rank)
+        if world is None:
+            raise
+        err = e
+    if world is not None:
+        gathered = world.gather_units(done_units, err)  # raises on every rank if any rank failed
+        if gathered is None:
+            return None  # not rank 0: rank 0 alone builds (and writes) the profile
+        for unit in sorted(gathered, key=lambda u: u.key):
+            totals.merge(unit)
+        if [u.key for u in sorted(gathered, key=lambda u: u.key)] != sorted(units):
+            raise RuntimeError("distributed profile: the ranks' units do not cover the calibration samples")
     log.info("profiled %s: %d sites, %d samples in %.1f s", lm.name, L, data.samples, time.perf_counter() - t0)
-    return _build(lm, cap, col, data, rs)
+    return _build(lm, cap, totals, data, rs)
 
 
 def _grad_step(gm: torch.fx.GraphModule, col: Collector, inputs: tuple) -> None:
@@ -788,33 +903,28 @@ def _grad_step(gm: torch.fx.GraphModule, col: Collector, inputs: tuple) -> None:
     del logits, l_ce, l_ps
 
 
-def _sensitivity(gm: torch.fx.GraphModule, col: Collector, data: CalibrationData, n: int, length: int,
-                 st: ProfileSettings, lm_loss: bool, progress: Optional[ProgressFn]) -> None:
+def _sensitivity_sample(gm: torch.fx.GraphModule, col: Collector, inputs: tuple, st: ProfileSettings,
+                        lm_loss: bool, tick: Callable[[], None]) -> None:
+    """One calibration row: the dense output, then each site alone running block_topk at the
+    reference keep; appends the loss increase (LM) or relative L2 error to each site's unit."""
     bt = get_variant("block_topk")
     params = bt.params_from({"keep": st.ref_keep, "block_size": st.block_size, "sink_blocks": st.sink_blocks,
                              "local_blocks": st.local_blocks})
-    L = len(col.sites)
-    total = n * (L + 1)
-    done = 0
-    for s in range(n):
-        inputs = data.row(s, length if data.is_text else None)
-        col.mode = _Mode()
-        with torch.no_grad():
-            ref = gm(*inputs)
-            base = causal_lm_ce(ref, inputs[0]) if lm_loss else 0.0
-            done += 1
-            _emit(progress, "sensitivity", done, total)
-            for i in range(L):
-                col.mode = _Mode(policy={i: (bt, params, None)})
-                col.produced = {}
-                out = gm(*inputs)
-                err = rel_l2(out, ref)
-                col.acc[i].sens_l2.append(err)
-                col.acc[i].sens.append(causal_lm_ce(out, inputs[0]) - base if lm_loss else err)
-                done += 1
-                _emit(progress, "sensitivity", done, total)
-                del out
-        col.produced = {}
+    col.mode = _Mode()
+    with torch.no_grad():
+        ref = gm(*inputs)
+        base = causal_lm_ce(ref, inputs[0]) if lm_loss else 0.0
+        tick()
+        for i in range(len(col.sites)):
+            col.mode = _Mode(policy={i: (bt, params, None)})
+            col.produced = {}
+            out = gm(*inputs)
+            err = rel_l2(out, ref)
+            col.acc[i].sens_l2.append(err)
+            col.acc[i].sens.append(causal_lm_ce(out, inputs[0]) - base if lm_loss else err)
+            tick()
+            del out
+    col.produced = {}
     col.mode = _Mode()
 
 
@@ -822,7 +932,7 @@ def _mean_or_none(x: list[float]) -> Optional[float]:
     return float(np.mean(x)) if x else None
 
 
-def _build(lm: LoadedModel, cap: Captured, col: Collector, data: CalibrationData, rs: dict[str, Any]) -> Profile:
+def _build(lm: LoadedModel, cap: Captured, col: Any, data: CalibrationData, rs: dict[str, Any]) -> Profile:
     L = len(cap.sites)
     grad = bool(rs["gradients"])
     # HeSS: normalise each term over all heads of all sites
