@@ -29,12 +29,12 @@ class BuildRecipe(BaseModel):
     model: str = "smollm2-135m"
     data: Optional[str] = None
     samples: int = 4
-    seq_len: int = 1024
+    seq_len: int = 2048
     block_size: int = 64
     seed: int = 0
     budget: float = 0.15
     recipe: Optional[dict[str, Any]] = None  # site-glob recipe applied on top of the plan
-    eval_seq_len: int = 1024
+    eval_seq_len: int = 2048
     eval_samples: int = 2
     export_format: str = "onnx"
     opset: int = 18
