@@ -253,10 +253,17 @@ def test_variant_lowering_matches_op(name, causal):
         pytest.skip(f"variant '{name}' has no ONNX lowering yet")
     if var.causal_only and not causal:
         pytest.skip("causal-only variant")
-    p = var.example_params(64, HQ)
+    layout, nk_last = _LAYOUT_CASES.get(name, (None, 57))
+    p = var.example_params(64, HQ) if layout is None else var.params_from(layout)
     _check_single(name, p, causal, [(2, 48, 48, 0), (1, 64, 64, 5)])
     if causal:  # queries are the last Nq of Nk positions (chunked prefill / decode shape)
-        _check_single(name, p, causal, [(2, 47, 64, 7), (1, 50, 57, 9)])
+        _check_single(name, p, causal, [(2, 47, 64, 7), (1, 50, nk_last, 9)])
+
+
+# Variants whose parameters fix the token layout, so one model cannot take every length: params
+# that fit the lengths above, and the length used instead of 57 (routing: 8 extra tokens and an
+# 8-row grid whose width follows the length; 57 leaves 49 grid tokens, no 8-row grid).
+_LAYOUT_CASES = {"routing": ({"grid_h": 8, "n_extra": 8, "n_win": 4, "topk": 4}, 56)}
 
 
 def _extra_params():
@@ -275,6 +282,14 @@ def _extra_params():
                               "after_target_only": False},
         "local_boost": {"gamma": 2.0, "window": 7, "decay": 0.0, "first_key": 10},
         "identity_blend": {"u": 1.0, "heads": [5]},
+        # 6 (48) and 5 (41, ragged last block) blocks of 8: every level is used
+        "pyramid": {"block_size": 8, "intervals": [[1, 0.0, 0.2], [2, 0.2, 0.4], [4, 0.4, 0.6], [8, 0.6, 0.85]]},
+        # 6 extra tokens, then a grid 7 wide: 6x7 (48) and 5x7 (41), 3x3 regions, 2 kept
+        "routing": {"grid_w": 7, "n_extra": 6, "n_win": 3, "topk": 2},
+        # token/chunk selections with budgets well below the visible keys
+        "token_topk": {"n_init": 2, "n_local": 3, "top_k": 0, "keep": 0.25, "chunk": 5},
+        "knn": {"top_k": 5, "context_token": False},
+        "dhsa": {"chunk": 4, "budget_tokens": 10, "sink_chunks": 0, "local_chunks": 2},
     }
     return [(n, d) for n, d in sorted(cases.items()) if n in VARIANTS]
 
@@ -324,3 +339,147 @@ def test_block_mask_edge_exports(tmp_path):
     assert a_node.output[1] == u_node.input[-1]  # the edge
     report = L.verify_onnx(res.path, model, [_left_padded(2, 33, 1), _left_padded(3, 70, 2)])
     assert len(report) == 4 and all(r["ok"] for r in report), report
+
+
+POOLED_CASES = [
+    ("pyramid", {"block_size": 8, "intervals": [[1, 0.0, 0.2], [2, 0.2, 0.4], [4, 0.4, 0.6], [8, 0.6, 0.85]]},
+     [(2, 48, 48, 11), (1, 41, 41, 12)]),
+    ("routing", {"grid_w": 7, "n_extra": 6, "n_win": 3, "topk": 2}, [(2, 48, 48, 11), (1, 41, 41, 12)]),
+    # square grid inferred from the length: 7x7 and 6x6 after one extra token
+    ("routing", {"n_extra": 1, "n_win": 3, "topk": 3}, [(2, 50, 50, 13), (3, 37, 37, 14)]),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("name,params,shapes", POOLED_CASES, ids=["pyramid", "routing", "routing_square"])
+def test_pooled_options_match_op(name, params, shapes, causal):
+    """pyramid/routing lowerings with non-default layouts, both attention directions."""
+    if name not in L.lowered_variants():
+        pytest.skip(f"variant '{name}' has no ONNX lowering yet")
+    _check_single(name, get_variant(name).params_from(params), causal, shapes)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("name,params", [(n, p) for n, p, _ in POOLED_CASES[:2]], ids=["pyramid", "routing"])
+def test_pooled_bool_attn_mask_matches_op(name, params, causal):
+    """A bool attn_mask [B,1,Nq,Nk] (pyramid pools it over each group) on top of key padding."""
+    if name not in L.lowered_variants():
+        pytest.skip(f"variant '{name}' has no ONNX lowering yet")
+    cfg = encode_config(name, get_variant(name).params_from(params), {"kv_heads": HKV, "site": "t", "layer": 0})
+    sess = None
+    for b, n, seed in ((2, 48, 20), (1, 41, 21)):
+        q, k, v = _rand((b, HQ, n, D), seed), _rand((b, HKV, n, D), seed + 1), _rand((b, HKV, n, D), seed + 2)
+        kp = torch.ones(b, n, dtype=torch.bool)
+        kp[-1, :3] = False
+        am = torch.rand(b, 1, n, n, generator=torch.Generator().manual_seed(seed)) > 0.1
+        feeds = {"q": q, "k": k, "v": v, "key_padding": kp, "attn_mask": am}
+        if sess is None:
+            proto = L.single_op_model(name, cfg, causal, 0.4, feeds)
+            onnx.checker.check_model(proto, full_check=True)
+            sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})[0]
+        with use_impl("reference"):
+            want = op_for(name)(q, k, v, kp, am, causal, 0.4, cfg)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=2e-5, err_msg=f"{name} n={n}")
+
+
+SELECT_CASES = [
+    ("token_topk", {"n_init": 2, "n_local": 3, "top_k": 0, "keep": 0.25, "chunk": 5}),
+    ("token_topk", {"n_init": 0, "n_local": 0, "top_k": 3, "chunk": 1}),
+    ("knn", {"top_k": 3, "context_token": True}),
+    ("knn", {"top_k": 0, "frac": 0.2, "context_token": False}),
+    ("dhsa", {"chunk": 4, "budget_tokens": 10, "sink_chunks": 0, "local_chunks": 2}),
+    ("dhsa", {"chunk": 5, "budget": 0.2, "sink_chunks": 2, "local_chunks": 0}),
+]
+
+
+def _select_feeds(b, nq, nk, seed, kvh, mask):
+    q, k, v = _rand((b, HQ, nq, D), seed), _rand((b, kvh, nk, D), seed + 1), _rand((b, kvh, nk, D), seed + 2)
+    feeds = {"q": q, "k": k, "v": v}
+    if mask in ("padding", "float"):
+        kp = torch.ones(b, nk, dtype=torch.bool)
+        for i in range(1, b):
+            kp[i, : 4 * i + 1] = False  # left padding growing with the row (whole query chunks padded)
+        feeds["key_padding"] = kp
+    if mask == "bool":
+        am = torch.rand(b, 1, nq, nk, generator=torch.Generator().manual_seed(seed)) > 0.3
+        am[0, 0, min(1, nq - 1)] = False  # a row with nothing allowed → 0
+        feeds["attn_mask"] = am
+    if mask == "float":
+        am = _rand((1, HQ, nq, nk), seed + 3)
+        am[..., min(2, nq - 1), ::3] = float("-inf")
+        feeds["attn_mask"] = am
+    return feeds
+
+
+@pytest.mark.parametrize("mask", ["padding", "bool", "float", "none"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("name,params", SELECT_CASES, ids=[f"{n}{i}" for i, (n, _) in enumerate(SELECT_CASES)])
+def test_select_lowerings_match_op(name, params, causal, mask):
+    """token_topk/knn/dhsa with small budgets: MHA and GQA, masks of every kind, batch > 1 with
+    per-row padding; then Nq < Nk, where one model with distinct Nq/Nk symbols must still read
+    the query padding when the lengths turn out equal (non-causal ``query_validity``)."""
+    if name not in L.lowered_variants():
+        pytest.skip(f"variant '{name}' has no ONNX lowering yet")
+    p = get_variant(name).params_from(params)
+    scale = 0.35
+    dense_gap = 0.0
+    for kvh, shapes in ((HQ, [(2, 23, 23, 1), (3, 40, 40, 2)]),
+                        (HKV, [(2, 17, 30, 3), (3, 24, 24, 4), (1, 1, 20, 5)])):
+        cfg = encode_config(name, p, {"kv_heads": kvh, "site": "t", "layer": 0})
+        dcfg = encode_config("dense", DenseParams(), {"kv_heads": kvh})
+        sess = None
+        for b, nq, nk, seed in shapes:
+            feeds = _select_feeds(b, nq, nk, seed, kvh, mask)
+            if sess is None:
+                proto = L.single_op_model(name, cfg, causal, scale, feeds)
+                assert all(n.domain == "" for f in proto.functions for n in f.node)
+                onnx.checker.check_model(proto, full_check=True)
+                sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+            got = sess.run(None, {n: t.numpy() for n, t in feeds.items()})[0]
+            args = (feeds["q"], feeds["k"], feeds["v"], feeds.get("key_padding"), feeds.get("attn_mask"), causal,
+                    scale)
+            with use_impl("reference"):
+                want = op_for(name)(*args, cfg).numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5, err_msg=f"{name} {mask} nq={nq} nk={nk}")
+            dense_gap = max(dense_gap, float(np.abs(op_for("dense")(*args, dcfg).numpy() - want).max()))
+    assert dense_gap > 1e-2  # the selection really dropped keys
+
+
+# Modulated variants composed onto a selection site (config ``modulators``), one of each edit kind.
+SELECT_MODULATORS = [
+    ("local_boost", {"gamma": 3.0, "window": 3, "decay": 0.5, "heads": [1, 2, 5], "first_key": 2}),
+    ("temperature", {"sigma": 0.4}),
+    ("sink_redistribute", {"p": 0.2, "rho": 0.9, "summ": 0.05, "sinks": [0, 3], "target": [2, 20],
+                           "after_target_only": False}),
+    ("identity_blend", {"u": 0.4, "heads": [0, 5]}),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("name,params", [SELECT_CASES[0], SELECT_CASES[2], SELECT_CASES[4]],
+                         ids=["token_topk", "knn", "dhsa"])
+def test_select_lowerings_compose_modulators(name, params, causal):
+    """The selection lowerings apply a site's modulators where the reference applies the hooks
+    (knn: top-K over the edited logits, prob edit on the token probabilities only)."""
+    if name not in L.lowered_variants():
+        pytest.skip(f"variant '{name}' has no ONNX lowering yet")
+    if any(m not in VARIANTS for m, _ in SELECT_MODULATORS):
+        pytest.skip("a modulated variant is not registered")
+    mods = [{"variant": m, "params": get_variant(m).params_from(d).to_dict()} for m, d in SELECT_MODULATORS]
+    p = get_variant(name).params_from(params)
+    cfg = encode_config(name, p, {"kv_heads": HKV, "site": "t", "layer": 0, "modulators": mods})
+    plain = encode_config(name, p, {"kv_heads": HKV, "site": "t", "layer": 0})
+    sess, moved = None, 0.0
+    for b, n, seed in ((2, 32, 40), (1, 27, 41)):
+        feeds = _select_feeds(b, n, n, seed, HKV, "padding")
+        if sess is None:
+            proto = L.single_op_model(name, cfg, causal, 0.35, feeds)
+            sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {k: t.numpy() for k, t in feeds.items()})[0]
+        args = (feeds["q"], feeds["k"], feeds["v"], feeds["key_padding"], None, causal, 0.35)
+        with use_impl("reference"):
+            want = op_for(name)(*args, cfg).numpy()
+            moved = max(moved, float(np.abs(op_for(name)(*args, plain).numpy() - want).max()))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=3e-5, err_msg=f"{name}+modulators n={n}")
+    assert moved > 1e-3  # the modulation changed the output

@@ -34,6 +34,14 @@ None when absent), k/v already have ``op.facts.kv_heads`` heads (repeated K/V ar
 ``k[:, ::Hq/Hkv]`` before the lowering runs, exactly as the torch op does), ``config`` is the
 op's JSON string (parse with :func:`surgeon.attention.ops.parse_config`). It returns out
 ``[B,Hq,Nq,Dv]`` (and the block mask ``[B,Hq,nqb,nkb]`` bool for producers).
+
+Modulators: a config may list ``modulators`` (modulated variants composed onto the site's
+variant; the torch op puts their hooks into AttnContext with ``compose_modulators``). A
+lowering composes them by calling :func:`modulator_edits` and applying the returned
+:class:`Edits` where its variant's reference applies ``ctx.logit_fn``/``prob_fn``/``out_fn``
+(usually ``attention(..., **edits.kwargs())``). :func:`build_function` refuses (BadInput,
+naming site, variant and modulators) a config with modulators whose lowering did not call
+:func:`modulator_edits`, so a modulated site is never exported without its modulation.
 """
 from __future__ import annotations
 
@@ -129,12 +137,15 @@ class LoweringBuilder(ir.tape.Tape):
 
     ``op.<OpType>(*inputs, **attributes)`` records a node of the default domain and returns
     its output value (a tuple when called with ``_outputs=n``, n > 1). Helpers below build
-    constants.
+    constants. ``site`` names the (first) site the body is built for, for error messages only;
+    ``modulators_applied`` is set by :func:`modulator_edits` (see :func:`build_function`).
     """
 
-    def __init__(self, facts: LoweringFacts) -> None:
+    def __init__(self, facts: LoweringFacts, site: str = "") -> None:
         super().__init__()
         self.facts = facts
+        self.site = site
+        self.modulators_applied = False
         self._consts: dict[tuple, ir.Value] = {}
         self._memo: dict[tuple, Any] = {}
 
@@ -350,17 +361,22 @@ def attention(
     *,
     logit_edit: Optional[Edit] = None,
     prob_edit: Optional[Edit] = None,
+    out_edit: Optional[Edit] = None,
 ) -> ir.Value:
     """Masked attention (the ONNX twin of :func:`surgeon.attention.base.attention_from_keep`).
 
     q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D]; ``keep`` bool broadcastable to [B,Hq,Nq,Nk] is ANDed
     with the dense-allowed mask. Modulation edits, as in ``surgeon.attention.modulation``:
     ``logit_edit(z)`` on the scaled logits [B,Hq,Nq,Nk] (after a float attn_mask, before
-    masking), ``prob_edit(a)`` on the probabilities [B,Hq,Nq,Nk]. Returns [B,Hq,Nq,Dv].
+    masking), ``prob_edit(a)`` on the probabilities [B,Hq,Nq,Nk], ``out_edit(o)`` on the output
+    [B,Hq,Nq,Dv] (the values it needs are captured by the edit; see :class:`Edits`). A site's
+    composed modulators come from :func:`modulator_edits` (``**edits.kwargs()``); they are
+    never applied implicitly. Returns [B,Hq,Nq,Dv].
     """
     a = attention_probs(op, q, k, key_padding, attn_mask, causal, scale, keep, logit_edit=logit_edit,
                         prob_edit=prob_edit)
-    return gqa_apply(op, a, v)
+    out = gqa_apply(op, a, v)
+    return out if out_edit is None else out_edit(out)
 
 
 # --------------------------------------------------------------------------- lowerings
@@ -378,8 +394,10 @@ def lower_dense(
     config: str,
     block_mask: Optional[ir.Value],
 ) -> ir.Value:
-    """Dense attention: [B,Hq,Nq,D] x [B,Hkv,Nk,D] → [B,Hq,Nq,Dv]; fully-masked rows give 0."""
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale)
+    """Dense attention: [B,Hq,Nq,D] x [B,Hkv,Nk,D] → [B,Hq,Nq,Dv]; fully-masked rows give 0.
+    Composes the site's modulators (:func:`modulator_edits`)."""
+    mods = modulator_edits(op, q, k, v, key_padding, causal, scale, config)
+    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, **mods.kwargs())
 
 
 # --------------------------------------------------------------------------- translation
@@ -519,7 +537,7 @@ def _overload_key(facts: LoweringFacts, body_config: str, causal: bool, scale: f
 
 
 def build_function(
-    facts: LoweringFacts, config: str, causal: bool, scale: float, overload: str = ""
+    facts: LoweringFacts, config: str, causal: bool, scale: float, overload: str = "", *, site: str = ""
 ) -> ir.Function:
     """The ``surgeon::<variant>`` FunctionProto body for one set of static facts.
 
@@ -527,9 +545,14 @@ def build_function(
     attn_mask broadcastable to [B,Hq,Nq,Nk], block_mask [B,Hq,nqb,nkb] bool); outputs: out
     [B,Hq,Nq,Dv] (+ block mask). Attributes ``config``/``causal``/``scale``/``inputs`` are
     declared (with this overload's values as defaults) so the calling node may carry them.
+    ``site`` only names the site in error messages.
+
+    A config with ``modulators`` needs a lowering that composes them (calls
+    :func:`modulator_edits` and applies the edits); any other lowering is refused with
+    :class:`BadInput` rather than exported without the modulation.
     """
     lower = get_lowering(facts.variant)
-    op = LoweringBuilder(facts)
+    op = LoweringBuilder(facts, site)
     formal = {n: ir.Value(name=n) for n in facts.inputs}
     k, v = formal["k"], formal["v"]
     if facts.k_heads != facts.kv_heads:  # graph repeated K/V: take k[:, ::rep] like the torch op
@@ -546,6 +569,15 @@ def build_function(
         bm_in = op.Reshape(bm_in, shape)
     res = lower(op, formal["q"], k, v, formal.get("key_padding"), formal.get("attn_mask"), causal, scale,
                 config, bm_in)
+    mods = [str(m.get("variant")) for m in (parse_config(config)[2].get("modulators") or [])]
+    if mods and not op.modulators_applied:
+        where = f"site '{site}'" if site else "a site"
+        raise BadInput(
+            f"{where} uses variant '{facts.variant}' with modulator(s) {', '.join(mods)}, but the ONNX lowering of "
+            f"'{facts.variant}' does not compose modulators (the export would differ from PyTorch)",
+            f"remove the modulators from this site's policy entry, or pick a variant whose lowering applies "
+            f"modulator_edits() (e.g. dense, window_sink, block_topk, reuse, delta, delta_sparse)",
+        )
     outs = list(res) if isinstance(res, (tuple, list)) else [res]
     if len(outs) == 2:
         outs[1] = op.Reshape(outs[1], op.ints([0, -1]))
@@ -581,7 +613,8 @@ def attach_functions(model: ir.Model) -> dict[str, int]:
         key = _overload_key(facts, body_config, causal, scale)
         ident = (DOMAIN, facts.variant, key)
         if ident not in model.functions:
-            model.functions[ident] = build_function(facts, body_config, causal, scale, key)
+            site = str(parse_config(config)[2].get("site") or node.name or "")
+            model.functions[ident] = build_function(facts, body_config, causal, scale, key, site=site)
         node.overload = key
         node.version = DOMAIN_VERSION
         counts[facts.variant] = counts.get(facts.variant, 0) + 1
@@ -837,64 +870,202 @@ def _compare(case: int, j: int, name: str, want: np.ndarray, got: np.ndarray, rt
 
 
 # --------------------------------------------------------------------------- modulated variants
-# Each mirrors its variant's definition hooks (surgeon/attention/<name>/__init__.py); the
-# variant's own pure-Python helpers give per-head constants so both sides agree.
+# A modulated variant is expressed as *edits* (see :class:`Edits`): a logit edit, a probability
+# edit and/or an output edit, built from its parameters by a factory registered with
+# :func:`register_modulator_edits`. Each factory mirrors its variant's hooks
+# (surgeon/attention/<name>/__init__.py) in two forms, as torch uses them:
+#
+# * ``definition=False``: the form of ``fused_hooks`` (what :func:`surgeon.attention.ops.compose_modulators`
+#   puts into AttnContext when the variant is a *modulator* of another site variant, and the
+#   cheapest lowering of the variant on its own);
+# * ``definition=True``: the form of ``make_hooks`` (what the variant's reference applies as its
+#   own hooks, before the context's, when it is the site variant *and* carries modulators).
+#
+# They differ only for identity_blend (output blend vs probability blend) and local_boost (logit
+# bias vs probability boost + renormalisation), which are equal on their own but not once other
+# edits come between them. The variant's own pure-Python helpers give the per-head constants so
+# both sides agree.
 
 def _params(config: str) -> Any:
     return parse_config(config)[1]
 
 
-def _site_ctx(causal: bool, scale: float, op: LoweringBuilder, config: str) -> Any:
-    from surgeon.attention.base import AttnContext
-
-    static = parse_config(config)[2]
-    return AttnContext(causal=causal, scale=scale, kv_heads=op.facts.kv_heads, layer=int(static.get("layer", -1)),
-                       site=str(static.get("site", "")))
+OwnEdits = Callable[["LoweringBuilder", "EditSite", Any, bool], "Edits"]
+_MODULATOR_EDITS: dict[str, OwnEdits] = {}
 
 
-@register_lowering("temperature")
-def lower_temperature(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
-                      attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
-                      block_mask: Optional[ir.Value]) -> ir.Value:
-    """SSA temperature: logits of query row r times ``1 + σ ln i``; i = real tokens up to and
-    including the query (``cumsum(key_padding)``, clamped ≥ 1), else position + 1. → [B,Hq,Nq,Dv]."""
-    sigma = _params(config).effective_sigma
+def _compose(fns: tuple[Edit, ...]) -> Optional[Edit]:
+    if not fns:
+        return None
+
+    def run(x: ir.Value) -> ir.Value:
+        for f in fns:
+            x = f(x)
+        return x
+
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class Edits:
+    """Modulation edits, each list applied in order (torch: the hook chains of AttnContext).
+
+    ``logit``: z [B,Hq,Nq,Nk] scaled logits → edited (after a float attn_mask, before masking);
+    ``prob``: a [B,Hq,Nq,Nk] probabilities → edited; ``out``: o [B,Hq,Nq,Dv] → edited (an
+    output edit captures the values it needs, e.g. identity_blend's V at the query positions).
+    """
+
+    logit: tuple[Edit, ...] = ()
+    prob: tuple[Edit, ...] = ()
+    out: tuple[Edit, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.logit or self.prob or self.out)
+
+    def then(self, other: "Edits") -> "Edits":
+        """These edits followed by ``other``'s (per kind), like chaining hooks."""
+        return Edits(self.logit + other.logit, self.prob + other.prob, self.out + other.out)
+
+    @property
+    def logit_edit(self) -> Optional[Edit]:
+        return _compose(self.logit)
+
+    @property
+    def prob_edit(self) -> Optional[Edit]:
+        return _compose(self.prob)
+
+    @property
+    def out_edit(self) -> Optional[Edit]:
+        return _compose(self.out)
+
+    def kwargs(self) -> dict[str, Optional[Edit]]:
+        """``logit_edit``/``prob_edit``/``out_edit`` for :func:`attention`."""
+        return {"logit_edit": self.logit_edit, "prob_edit": self.prob_edit, "out_edit": self.out_edit}
+
+
+@dataclasses.dataclass(frozen=True)
+class EditSite:
+    """The function-body values an edit may read: q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D|Dv] (already
+    un-repeated), key_padding [B,Nk] or None, and the static causal flag and scale."""
+
+    q: ir.Value
+    k: ir.Value
+    v: ir.Value
+    key_padding: Optional[ir.Value]
+    causal: bool
+    scale: float
+
+
+def register_modulator_edits(name: str) -> Callable[[OwnEdits], OwnEdits]:
+    """Decorator: ``fn(op, site: EditSite, params, definition: bool) -> Edits`` is the edit form
+    of modulated variant ``name`` (see the section comment above)."""
+
+    def deco(fn: OwnEdits) -> OwnEdits:
+        _MODULATOR_EDITS[name] = fn
+        return fn
+
+    return deco
+
+
+def _edits_of(op: LoweringBuilder, s: EditSite, name: str, params: Any, definition: bool, role: str) -> Edits:
+    """Edits of modulated variant ``name``; BadInput names the site, variant and modulator."""
+    fn = _MODULATOR_EDITS.get(name)
+    where = f"site '{op.site}'" if op.site else "a site"
+    if fn is None:
+        raise BadInput(f"{where} ({op.facts.variant}): {role} '{name}' has no ONNX edit form",
+                       f"register one with @register_modulator_edits('{name}') in surgeon/exporters/onnx_lowering.py, "
+                       f"or remove '{name}' from the site's modulators")
+    try:
+        return fn(op, s, params, definition)
+    except BadInput as e:
+        raise BadInput(f"{where} ({op.facts.variant}): {role} '{name}': {e.problem}", e.fix) from e
+
+
+def modulator_edits(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
+                    causal: bool, scale: float, config: str) -> Edits:
+    """The composed edits of the ``modulators`` listed in ``config`` (empty when none), in list
+    order and in ``fused_hooks`` form, exactly what
+    :func:`surgeon.attention.ops.compose_modulators` puts into AttnContext for the torch op.
+
+    A lowering composes a site's modulators by calling this and applying the edits where the
+    variant's reference applies ``ctx.logit_fn``/``prob_fn``/``out_fn`` (for references built on
+    ``attention_from_keep``: ``attention(..., **edits.kwargs())``). Calling it marks the body as
+    modulator-aware; :func:`build_function` refuses configs with modulators otherwise.
+    """
+    op.modulators_applied = True
+    mods = parse_config(config)[2].get("modulators") or []
+    s = EditSite(q, k, v, key_padding, bool(causal), float(scale))
+    out = Edits()
+    where = f"site '{op.site}'" if op.site else "a site"
+    for m in mods:
+        name = str(m.get("variant"))
+        if name not in VARIANTS or get_variant(name).family != "modulated":
+            raise BadInput(f"{where} ({op.facts.variant}): modulator '{name}' is not a modulated variant",
+                           "list only modulated variants under modulators")
+        try:
+            params = get_variant(name).params_from(m.get("params"))
+        except BadInput as e:
+            raise BadInput(f"{where} ({op.facts.variant}): modulator '{name}': {e.problem}", e.fix) from e
+        out = out.then(_edits_of(op, s, name, params, False, "modulator"))
+    return out
+
+
+def _checked_heads(name: str, heads: Sequence[int], hq: int) -> list[int]:
+    """Sorted query-head indices (``()``: all ``hq``), as ``modulation.site_heads``."""
+    for h in heads:
+        if h >= hq:
+            raise BadInput(f"{name}: heads names query head {h}, but the site has {hq} query heads",
+                           f"use head indices in [0, {hq - 1}]")
+    return sorted(heads) if heads else list(range(hq))
+
+
+def _own_position(op: LoweringBuilder, s: EditSite) -> tuple[ir.Value, ir.Value]:
+    """``(start, end)`` 1-D int64 of the last Nq key positions (the queries' own keys)."""
+    return op.Sub(op.dims(s.k, 2, 3), op.dims(s.q, 2, 3)), op.ints([_INT64_MAX])
+
+
+@register_modulator_edits("temperature")
+def temperature_edits(op: LoweringBuilder, s: EditSite, p: Any, definition: bool) -> Edits:
+    """SSA: logits of query row r times ``1 + σ ln i``; i = real tokens up to and including the
+    query (``cumsum(key_padding)``, clamped ≥ 1), else position + 1 (both forms)."""
+    sigma = p.effective_sigma
     if sigma == 0.0:
-        return attention(op, q, k, v, key_padding, attn_mask, causal, scale)
+        return Edits()
 
     def logit_edit(z: ir.Value) -> ir.Value:
-        qpos, _ = positions(op, q, k)
-        if key_padding is None:
+        qpos, _ = positions(op, s.q, s.k)
+        if s.key_padding is None:
             i = op.Reshape(op.Add(qpos, op.int_scalar(1)), op.ints([1, 1, -1, 1]))  # [1,1,Nq,1]
         else:
-            cs = op.CumSum(op.Cast(key_padding, to=ir.DataType.INT64), op.int_scalar(-1))  # [B,Nk]
-            start = op.Sub(op.dims(k, 2, 3), op.dims(q, 2, 3))
-            cs = op.Slice(cs, start, op.ints([_INT64_MAX]), op.ints([1]))  # [B,Nq]
+            cs = op.CumSum(op.Cast(s.key_padding, to=ir.DataType.INT64), op.int_scalar(-1))  # [B,Nk]
+            start, end = _own_position(op, s)
+            cs = op.Slice(cs, start, end, op.ints([1]))  # [B,Nq]
             i = op.Unsqueeze(op.Max(cs, op.int_scalar(1)), op.ints([1, 3]))  # [B,1,Nq,1]
         f = op.Add(op.scalar(1.0, z), op.Mul(op.scalar(sigma, z), op.Log(op.CastLike(i, z))))
         return op.Mul(z, f)
 
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, logit_edit=logit_edit)
+    return Edits(logit=(logit_edit,))
 
 
-@register_lowering("head_boost")
-def lower_head_boost(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
-                     attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
-                     block_mask: Optional[ir.Value]) -> ir.Value:
-    """PAINT: ``z + α_h · w_j · |z|`` on finite logits of the boosted heads' span keys
-    (only the last query row with ``last_row_only``). → [B,Hq,Nq,Dv]."""
+@register_modulator_edits("head_boost")
+def head_boost_edits(op: LoweringBuilder, s: EditSite, p: Any, definition: bool) -> Edits:
+    """PAINT: ``z + α_h · w_j · |z|`` on finite logits of the boosted heads' span keys (only the
+    last query row with ``last_row_only``); both forms."""
     from surgeon.attention.head_boost import NAME, head_strengths
-    from surgeon.attention.modulation import site_heads
 
-    p = _params(config)
     hq = op.facts.q_heads
-    site_heads(NAME, "heads", p.heads, hq, _site_ctx(causal, scale, op, config))
+    _checked_heads(NAME, p.heads, hq)
+    if not p.heads and p.head_alpha and len(p.head_alpha) != hq:
+        raise BadInput(f"{NAME}: head_alpha has {len(p.head_alpha)} entries but the site has {hq} query heads",
+                       f"give {hq} head_alpha entries, or list the heads they belong to in heads")
     alphas = head_strengths(p, hq)
+    if not p.spans and any(alphas):
+        raise BadInput(f"{NAME}: no key spans to boost", "give spans=[[start, end], ...] (end exclusive)")
     if not p.spans or not any(alphas):
-        return attention(op, q, k, v, key_padding, attn_mask, causal, scale)
+        return Edits()
 
     def logit_edit(z: ir.Value) -> ir.Value:
-        _, kpos = positions(op, q, k)
+        _, kpos = positions(op, s.q, s.k)
         w: Optional[ir.Value] = None  # [Nk] span scale, 0 outside the spans
         for i, span in enumerate(p.spans):
             val = float(p.span_scale[i]) if p.span_scale else 1.0
@@ -903,31 +1074,30 @@ def lower_head_boost(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value,
         a = op.Mul(head_vector(op, alphas, z), w)  # [1,Hq,1,Nk]
         edit = is_finite(op, z)
         if p.last_row_only:
-            nq = op.dim(q, 2)
+            nq = op.dim(s.q, 2)
             last = op.Equal(op.Range(op.int_scalar(0), nq, op.int_scalar(1)), op.Sub(nq, op.int_scalar(1)))
             edit = op.And(edit, op.Unsqueeze(last, op.ints([1])))  # rows [Nq,1]
         return op.Where(edit, op.Add(z, op.Mul(a, op.Abs(z))), z)
 
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, logit_edit=logit_edit)
+    return Edits(logit=(logit_edit,))
 
 
-@register_lowering("sink_redistribute")
-def lower_sink_redistribute(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value,
-                            key_padding: Optional[ir.Value], attn_mask: Optional[ir.Value], causal: bool,
-                            scale: float, config: str, block_mask: Optional[ir.Value]) -> ir.Value:
+@register_modulator_edits("sink_redistribute")
+def sink_redistribute_edits(op: LoweringBuilder, s: EditSite, p: Any, definition: bool) -> Edits:
     """VAR: in selected rows of the chosen heads, keep p of the sink mass and give the rest to
-    the non-sink target keys in proportion (see ``sink_redistribute.redistribute``). → [B,Hq,Nq,Dv]."""
-    from surgeon.attention.modulation import site_heads
+    the non-sink target keys in proportion (``sink_redistribute.redistribute``); both forms."""
     from surgeon.attention.sink_redistribute import NAME
 
-    p = _params(config)
     hq = op.facts.q_heads
-    heads = site_heads(NAME, "heads", p.heads, hq, _site_ctx(causal, scale, op, config))
-    if not p.active or not p.sinks or p.target is None:
-        return attention(op, q, k, v, key_padding, attn_mask, causal, scale)
+    heads = _checked_heads(NAME, p.heads, hq)
+    if p.active and (not p.sinks or p.target is None):
+        raise BadInput(f"{NAME}: p={p.p} needs sink tokens and a target span",
+                       "give sinks=[...] (see find_sink_tokens) and target=[start, end]")
+    if not p.active:
+        return Edits()
 
     def prob_edit(a: ir.Value) -> ir.Value:
-        qpos, kpos = positions(op, q, k)
+        qpos, kpos = positions(op, s.q, s.k)
         sink = key_span_mask(op, kpos, [(t, t + 1) for t in p.sinks])
         target = key_span_mask(op, kpos, [p.target])
         vis = op.And(sink, target)
@@ -951,62 +1121,135 @@ def lower_sink_redistribute(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir
         gain = op.Where(rest, op.Div(op.Mul(omega, a), denom), zero)
         return op.Where(sel, op.Add(kept, gain), a)
 
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, prob_edit=prob_edit)
+    return Edits(prob=(prob_edit,))
+
+
+def _blend_weights(op: LoweringBuilder, s: EditSite, p: Any, heads: list[int], like: ir.Value) -> ir.Value:
+    """``identity_blend.blend_weights``: u per (batch, head, row), [1|B, Hq, 1|Nq, 1]; 0 for
+    unselected heads and rows whose own key is padding."""
+    uh = [float(p.u) if h in set(heads) else 0.0 for h in range(op.facts.q_heads)]
+    u = head_vector(op, uh, like)  # [1,Hq,1,1]
+    if s.key_padding is not None:
+        start, end = _own_position(op, s)
+        real = op.Slice(op.Cast(s.key_padding, to=ir.DataType.BOOL), start, end, op.ints([1]))  # [B,Nq]
+        u = op.Mul(u, op.Unsqueeze(op.CastLike(real, like), op.ints([1, 3])))  # [B,Hq,Nq,1]
+    return u
+
+
+@register_modulator_edits("identity_blend")
+def identity_blend_edits(op: LoweringBuilder, s: EditSite, p: Any, definition: bool) -> Edits:
+    """SoftPAG. Output form (``fused_hooks``): ``(1 − u)·O + u·V_self`` with V_self the value at
+    the query's own position; probability form (``make_hooks``): ``(1 − u)·A + u·I``."""
+    from surgeon.attention.identity_blend import NAME
+
+    heads = _checked_heads(NAME, p.heads, op.facts.q_heads)
+    if p.u == 0.0:
+        return Edits()
+    if definition:
+        def prob_edit(a: ir.Value) -> ir.Value:
+            qpos, kpos = positions(op, s.q, s.k)
+            eye = op.CastLike(op.Equal(op.Unsqueeze(qpos, op.ints([1])), op.Unsqueeze(kpos, op.ints([0]))), a)
+            u = _blend_weights(op, s, p, heads, a)
+            return op.Add(op.Mul(op.Sub(op.scalar(1.0, a), u), a), op.Mul(u, eye))
+
+        return Edits(prob=(prob_edit,))
+
+    def out_edit(o: ir.Value) -> ir.Value:
+        u = _blend_weights(op, s, p, heads, o)
+        start, end = _own_position(op, s)
+        v_self = repeat_heads(op, op.Slice(s.v, start, end, op.ints([2])))  # [B,Hq,Nq,Dv]
+        return op.Add(op.Mul(op.Sub(op.scalar(1.0, o), u), o), op.Mul(u, op.CastLike(v_self, o)))
+
+    return Edits(out=(out_edit,))
+
+
+@register_modulator_edits("local_boost")
+def local_boost_edits(op: LoweringBuilder, s: EditSite, p: Any, definition: bool) -> Edits:
+    """LocoRE: gains ``γ_h λ^(t−1−j)`` on the ``window`` keys before the query (j ≥ first_key).
+    Logit form (``fused_hooks``): ``z + ln(1 + gain)``; probability form (``make_hooks``):
+    ``a·(1 + gain)`` renormalised (rows summing to 0 stay 0)."""
+    from surgeon.attention.local_boost import NAME, head_gammas
+
+    hq = op.facts.q_heads
+    _checked_heads(NAME, p.heads, hq)
+    gammas = head_gammas(p, hq)
+    if not any(gammas):
+        return Edits()
+
+    def gain(like: ir.Value) -> ir.Value:  # [1,Hq,Nq,Nk]
+        qpos, kpos = positions(op, s.q, s.k)
+        d = op.Sub(op.Unsqueeze(qpos, op.ints([1])), op.Unsqueeze(kpos, op.ints([0])))  # [Nq,Nk]
+        inside = op.And(op.GreaterOrEqual(d, op.int_scalar(1)), op.LessOrEqual(d, op.int_scalar(p.window)))
+        inside = op.And(inside, op.Unsqueeze(op.GreaterOrEqual(kpos, op.int_scalar(p.first_key)), op.ints([0])))
+        expo = op.CastLike(op.Max(op.Sub(d, op.int_scalar(1)), op.int_scalar(0)), like)
+        g = op.Where(inside, op.Pow(op.scalar(p.decay, like), expo), op.scalar(0.0, like))  # [Nq,Nk]
+        return op.Mul(head_vector(op, gammas, like), g)
+
+    if definition:
+        def prob_edit(a: ir.Value) -> ir.Value:
+            b = op.Mul(a, op.Add(op.scalar(1.0, a), gain(a)))
+            tot = op.ReduceSum(b, op.ints([-1]), keepdims=1)
+            return op.Div(b, op.Where(op.Greater(tot, op.scalar(0.0, tot)), tot, op.scalar(1.0, tot)))
+
+        return Edits(prob=(prob_edit,))
+
+    def logit_edit(z: ir.Value) -> ir.Value:
+        return op.Add(z, op.Log(op.Add(op.scalar(1.0, z), gain(z))))
+
+    return Edits(logit=(logit_edit,))
+
+
+def _lower_modulated(name: str, op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value,
+                     key_padding: Optional[ir.Value], attn_mask: Optional[ir.Value], causal: bool, scale: float,
+                     config: str) -> ir.Value:
+    """A modulated site variant: its own edits, then its modulators' (``run_hooks``: own hooks
+    before the context's, per kind). Own edits take the definition form when modulators follow
+    (the torch reference then runs ``make_hooks``), else the cheaper ``fused_hooks`` form."""
+    mods = modulator_edits(op, q, k, v, key_padding, causal, scale, config)
+    own = _edits_of(op, EditSite(q, k, v, key_padding, bool(causal), float(scale)), name, _params(config),
+                    bool(mods), "variant")
+    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, **own.then(mods).kwargs())
+
+
+@register_lowering("temperature")
+def lower_temperature(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
+                      attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
+                      block_mask: Optional[ir.Value]) -> ir.Value:
+    """SSA temperature (:func:`temperature_edits`), then any modulators. → [B,Hq,Nq,Dv]."""
+    return _lower_modulated("temperature", op, q, k, v, key_padding, attn_mask, causal, scale, config)
+
+
+@register_lowering("head_boost")
+def lower_head_boost(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
+                     attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
+                     block_mask: Optional[ir.Value]) -> ir.Value:
+    """PAINT (:func:`head_boost_edits`), then any modulators. → [B,Hq,Nq,Dv]."""
+    return _lower_modulated("head_boost", op, q, k, v, key_padding, attn_mask, causal, scale, config)
+
+
+@register_lowering("sink_redistribute")
+def lower_sink_redistribute(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value,
+                            key_padding: Optional[ir.Value], attn_mask: Optional[ir.Value], causal: bool,
+                            scale: float, config: str, block_mask: Optional[ir.Value]) -> ir.Value:
+    """VAR (:func:`sink_redistribute_edits`), then any modulators. → [B,Hq,Nq,Dv]."""
+    return _lower_modulated("sink_redistribute", op, q, k, v, key_padding, attn_mask, causal, scale, config)
 
 
 @register_lowering("identity_blend")
 def lower_identity_blend(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value,
                          key_padding: Optional[ir.Value], attn_mask: Optional[ir.Value], causal: bool,
                          scale: float, config: str, block_mask: Optional[ir.Value]) -> ir.Value:
-    """SoftPAG in output form: ``(1 − u)·O + u·V_self`` for the chosen heads, u = 0 where the
-    query's own key is padding (equal to the probability form A' = (1−u)A + uI). → [B,Hq,Nq,Dv]."""
-    from surgeon.attention.identity_blend import NAME
-    from surgeon.attention.modulation import site_heads
-
-    p = _params(config)
-    hq = op.facts.q_heads
-    heads = site_heads(NAME, "heads", p.heads, hq, _site_ctx(causal, scale, op, config))
-    out = attention(op, q, k, v, key_padding, attn_mask, causal, scale)
-    if p.u == 0.0:
-        return out
-    uh = [float(p.u) if h in heads else 0.0 for h in range(hq)]
-    u = head_vector(op, uh, out)  # [1,Hq,1,1]
-    start = op.Sub(op.dims(k, 2, 3), op.dims(q, 2, 3))
-    if key_padding is not None:
-        real = op.Slice(op.Cast(key_padding, to=ir.DataType.BOOL), start, op.ints([_INT64_MAX]), op.ints([1]))
-        u = op.Mul(u, op.Unsqueeze(op.CastLike(real, out), op.ints([1, 3])))  # [B,Hq,Nq,1]
-    v_self = repeat_heads(op, op.Slice(v, start, op.ints([_INT64_MAX]), op.ints([2])))  # [B,Hq,Nq,Dv]
-    return op.Add(op.Mul(op.Sub(op.scalar(1.0, out), u), out), op.Mul(u, op.CastLike(v_self, out)))
+    """SoftPAG (:func:`identity_blend_edits`; output form on its own), then any modulators.
+    → [B,Hq,Nq,Dv]."""
+    return _lower_modulated("identity_blend", op, q, k, v, key_padding, attn_mask, causal, scale, config)
 
 
 @register_lowering("local_boost")
 def lower_local_boost(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
                       attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
                       block_mask: Optional[ir.Value]) -> ir.Value:
-    """LocoRE in logit form: ``z + ln(1 + γ_h λ^(t−1−j))`` for the ``window`` keys before the
-    query (j ≥ first_key) in the boosted heads (equal to boosting probabilities and
-    renormalising). → [B,Hq,Nq,Dv]."""
-    from surgeon.attention.local_boost import NAME, head_gammas
-    from surgeon.attention.modulation import site_heads
-
-    p = _params(config)
-    hq = op.facts.q_heads
-    site_heads(NAME, "heads", p.heads, hq, _site_ctx(causal, scale, op, config))
-    gammas = head_gammas(p, hq)
-    if not any(gammas):
-        return attention(op, q, k, v, key_padding, attn_mask, causal, scale)
-
-    def logit_edit(z: ir.Value) -> ir.Value:
-        qpos, kpos = positions(op, q, k)
-        d = op.Sub(op.Unsqueeze(qpos, op.ints([1])), op.Unsqueeze(kpos, op.ints([0])))  # [Nq,Nk]
-        inside = op.And(op.GreaterOrEqual(d, op.int_scalar(1)), op.LessOrEqual(d, op.int_scalar(p.window)))
-        inside = op.And(inside, op.Unsqueeze(op.GreaterOrEqual(kpos, op.int_scalar(p.first_key)), op.ints([0])))
-        expo = op.CastLike(op.Max(op.Sub(d, op.int_scalar(1)), op.int_scalar(0)), z)
-        g = op.Where(inside, op.Pow(op.scalar(p.decay, z), expo), op.scalar(0.0, z))  # [Nq,Nk]
-        gain = op.Mul(head_vector(op, gammas, z), g)  # [1,Hq,Nq,Nk]
-        return op.Add(z, op.Log(op.Add(op.scalar(1.0, z), gain)))
-
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, logit_edit=logit_edit)
+    """LocoRE (:func:`local_boost_edits`; logit form on its own), then any modulators. → [B,Hq,Nq,Dv]."""
+    return _lower_modulated("local_boost", op, q, k, v, key_padding, attn_mask, causal, scale, config)
 
 
 # --------------------------------------------------------------------------- sparse variants
@@ -1030,10 +1273,12 @@ def window_keep(op: LoweringBuilder, q: ir.Value, k: ir.Value, causal: bool, sin
 def lower_window_sink(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
                       attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
                       block_mask: Optional[ir.Value]) -> ir.Value:
-    """Sliding window plus sink tokens (token-level keep mask, masked attention). → [B,Hq,Nq,Dv]."""
+    """Sliding window plus sink tokens (token-level keep mask, masked attention), modulators
+    composed as in the reference (``attention_from_keep`` with the context's hooks). → [B,Hq,Nq,Dv]."""
     p = _params(config)
     keep = window_keep(op, q, k, causal, int(p.sink_tokens), int(p.window))
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep)
+    mods = modulator_edits(op, q, k, v, key_padding, causal, scale, config)
+    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep, **mods.kwargs())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1182,7 +1427,8 @@ def lower_block_topk(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value,
                      attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
                      block_mask: Optional[ir.Value]) -> tuple[ir.Value, ir.Value]:
     """Pooled-QK block scores, top key blocks per query block (forced sink/local/causal-
-    boundary blocks), token keep mask from the block mask, masked attention.
+    boundary blocks), token keep mask from the block mask, masked attention with the site's
+    modulators (the selection itself is never modulated, as in the reference).
     → (out [B,Hq,Nq,Dv], block mask bool [B,Hq,nqb,nkb])."""
     from surgeon.attention.block_topk import head_fractions
 
@@ -1200,14 +1446,16 @@ def lower_block_topk(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value,
         forced = op.Or(forced, g.partial)
     sel = select_top(op, logits, g.allowed, forced, has_real, keep_counts(op, fractions, g.allowed))
     keep = upsample_block_mask(op, sel, q, k, bs, bs)
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep), sel
+    mods = modulator_edits(op, q, k, v, key_padding, causal, scale, config)
+    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep, **mods.kwargs()), sel
 
 
 @register_lowering("reuse")
 def lower_reuse(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
                 attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
                 block_mask: Optional[ir.Value]) -> ir.Value:
-    """Attention over the anchor's block mask [B|1,Hq|1,nqb,nkb] ∪ sink/local blocks. → [B,Hq,Nq,Dv]."""
+    """Attention over the anchor's block mask [B|1,Hq|1,nqb,nkb] ∪ sink/local blocks, with the
+    site's modulators. → [B,Hq,Nq,Dv]."""
     if block_mask is None:
         raise BadInput("reuse needs the block mask of its anchor layer",
                        "rewrite with an anchor variant that produces block masks before this layer")
@@ -1217,7 +1465,8 @@ def lower_reuse(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_
     bm = op.Or(op.Cast(block_mask, to=ir.DataType.BOOL), sink_local_blocks(op, g, int(p.sink_blocks),
                                                                              int(p.local_blocks)))
     keep = upsample_block_mask(op, bm, q, k, bs, bs)
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep)
+    mods = modulator_edits(op, q, k, v, key_padding, causal, scale, config)
+    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep, **mods.kwargs())
 
 
 def recent_blocks(op: LoweringBuilder, g: BlockGrid, sink_blocks: int, recent_tokens: int) -> ir.Value:
@@ -1274,11 +1523,20 @@ def lower_delta(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_
                 attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
                 block_mask: Optional[ir.Value]) -> tuple[ir.Value, ir.Value]:
     """DELTA Δ-layer: dense attention plus one page set per query block (top pages by the
-    dense probabilities, sink/recent pages forced), repeated over heads.
-    → (out [B,Hq,Nq,Dv], page mask bool [B,Hq,nqb,npages])."""
+    dense probabilities, sink/recent pages forced), repeated over heads. The output composes
+    the site's modulators; the page scores use the unmodulated probabilities (``page_scores``
+    never sees the hooks). → (out [B,Hq,Nq,Dv], page mask bool [B,Hq,nqb,npages])."""
     p = _params(config)
-    a = attention_probs(op, q, k, key_padding, attn_mask, causal, scale)
-    out = gqa_apply(op, a, v)
+    z = scaled_logits(op, q, k, attn_mask, scale)
+    allow = allowed_mask(op, q, k, key_padding, attn_mask, causal)
+    a = masked_softmax(op, z, allow)
+    mods = modulator_edits(op, q, k, v, key_padding, causal, scale, config)
+    am = a if not mods.logit else masked_softmax(op, mods.logit_edit(z), allow)
+    if mods.prob:
+        am = mods.prob_edit(am)
+    out = gqa_apply(op, am, v)
+    if mods.out:
+        out = mods.out_edit(out)
     g = block_grid(op, q, k, int(p.q_block), int(p.page_size), causal)
     scores = op.Unsqueeze(delta_page_scores(op, a, q, k, key_padding, causal, g, int(p.score_queries)),
                           op.ints([1]))  # [B,1,nqb,npg]
@@ -1296,7 +1554,8 @@ def lower_delta(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_
 def lower_delta_sparse(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
                        attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
                        block_mask: Optional[ir.Value]) -> ir.Value:
-    """DELTA sparse layer: attention over the incoming page mask ∪ sink/recent pages. → [B,Hq,Nq,Dv]."""
+    """DELTA sparse layer: attention over the incoming page mask ∪ sink/recent pages, with the
+    site's modulators. → [B,Hq,Nq,Dv]."""
     if block_mask is None:
         raise BadInput("delta_sparse needs the page mask of its Δ-layer",
                        "rewrite with a delta layer before this layer")
@@ -1305,4 +1564,9 @@ def lower_delta_sparse(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Valu
     bm = op.Or(op.Cast(block_mask, to=ir.DataType.BOOL),
                recent_blocks(op, g, int(p.sink_pages), int(p.recent_pages) * int(p.page_size)))
     keep = upsample_block_mask(op, bm, q, k, int(p.q_block), int(p.page_size))
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep)
+    mods = modulator_edits(op, q, k, v, key_padding, causal, scale, config)
+    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep, **mods.kwargs())
+
+
+from surgeon.exporters import onnx_lowering_select as _select  # noqa: E402,F401  (registers lowerings)
+from surgeon.exporters import onnx_lowering_pooled as _pooled  # noqa: E402,F401  (registers lowerings)

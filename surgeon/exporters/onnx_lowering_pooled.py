@@ -1,0 +1,290 @@
+"""ONNX lowerings of the pooled-key variants ``pyramid`` (methods.md §6) and ``routing`` (§12).
+
+Registered with :func:`surgeon.exporters.onnx_lowering.register_lowering`; the lowering
+contract is in that module's docstring. Both are the ONNX twins of the variants' plain-torch
+references (``surgeon/attention/<name>/__init__.py``), written with standard ops only
+(Reshape + ReduceSum pooling, TopK, ScatterElements, Gather, Where) and dynamic batch and
+sequence lengths; every tensor has a static rank.
+
+Correctness first, like the other sparse lowerings: they build the variant's keep mask (over
+the token keys, or over ``pyramid``'s bank of all pooled levels) and run masked dense attention;
+a runtime plugin of the same name is where the sparse speedup belongs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import onnx_ir as ir
+
+from surgeon.errors import BadInput
+from surgeon.exporters.onnx_lowering import (
+    LoweringBuilder,
+    _ones_row,
+    _params,
+    attention,
+    block_grid,
+    gqa_apply,
+    gqa_scores,
+    masked_softmax,
+    pooled_rows,
+    positions,
+    query_weights,
+    register_lowering,
+)
+
+_F32 = ir.DataType.FLOAT
+
+
+def _ranks(op: LoweringBuilder, s: ir.Value) -> ir.Value:
+    """Rank of each entry along the last axis in descending order, ties toward the lower index
+    (``torch.sort(descending=True, stable=True)`` then scatter; ONNX TopK's documented
+    tie-break): int64, same shape as ``s``."""
+    order = op.TopK(s, op.Shape(s, start=-1), axis=-1, largest=1, sorted=1, _outputs=2)[1]
+    ar = op.Expand(op.Range(op.int_scalar(0), _last_dim(op, s), op.int_scalar(1)), op.Shape(order))
+    return op.ScatterElements(ar, order, ar, axis=-1)
+
+
+def _last_dim(op: LoweringBuilder, x: ir.Value) -> ir.Value:
+    """``Shape(x)[-1]`` as a 0-D int64."""
+    return op.Squeeze(op.Shape(x, start=-1), op.ints([0]))
+
+
+def _real_keys(op: LoweringBuilder, k: ir.Value, key_padding: Optional[ir.Value]) -> ir.Value:
+    """Float32 weights [B|1, Nk]: 1 for real keys, 0 for padding (``real_keys``)."""
+    if key_padding is None:
+        return _ones_row(op, k, op.Constant(value_float=0.0))
+    return op.Cast(op.Cast(key_padding, to=ir.DataType.BOOL), to=_F32)
+
+
+# --------------------------------------------------------------------------- pyramid
+
+def pyramid_levels(op: LoweringBuilder, q: ir.Value, k: ir.Value, key_padding: Optional[ir.Value], causal: bool,
+                   scale: float, bs: int, intervals) -> ir.Value:
+    """``pyramid.assign_levels``: level per (query block, key block), int64 [B,Hq,nqb,nkb] in
+    {0, 1, 2, 4, 8}, causal rule applied (future blocks 0, blocks reaching the query block's
+    first position 1)."""
+    g = block_grid(op, q, k, bs, bs, causal)
+    partial = None
+    if causal:  # pyramid's rule: the key block's last key reaches the block's first query
+        partial = op.And(g.allowed, op.GreaterOrEqual(op.Unsqueeze(g.k_end, op.ints([0])),
+                                                       op.Unsqueeze(g.q_first, op.ints([1]))))
+    qbar, _ = pooled_rows(op, q, query_weights(op, q, k, key_padding, causal), g.nqb, bs, causal)
+    kw = _ones_row(op, k, k) if key_padding is None else op.CastLike(key_padding, k)
+    kbar, kcnt = pooled_rows(op, k, kw, g.nkb, bs, False)  # [B,Hkv,nkb,D], [B|1,1,nkb,1]
+    has_real = op.Transpose(op.Greater(kcnt, op.scalar(0.0, kcnt)), perm=[0, 1, 3, 2])  # [B|1,1,1,nkb]
+    s = op.Mul(gqa_scores(op, qbar, kbar), op.scalar(scale, q))  # [B,Hq,nqb,nkb]
+    s = op.Where(op.And(g.allowed, has_real), s, op.scalar(-math.inf, s))
+    if partial is not None:
+        s = op.Where(partial, op.scalar(math.inf, s), s)
+    ranks = _ranks(op, s)
+    n = op.Cast(op.ReduceSum(op.Cast(g.allowed, to=ir.DataType.INT64), op.ints([-1]), keepdims=0),
+                to=ir.DataType.DOUBLE)  # [nqb]
+    eps = op.Constant(value=ir.tensor(np.array(1e-9)))
+
+    def bound(frac: float) -> ir.Value:  # ⌈n·frac − 1e−9⌉ per row, [nqb, 1]
+        x = op.Sub(op.Mul(n, op.Constant(value=ir.tensor(np.array(float(frac))))), eps)
+        return op.Unsqueeze(op.Cast(op.Ceil(x), to=ir.DataType.INT64), op.ints([1]))
+
+    zero = op.int_scalar(0)
+    lv = op.Mul(ranks, zero)
+    for f, lo, hi in intervals:
+        inside = op.And(op.GreaterOrEqual(ranks, bound(lo)), op.Less(ranks, bound(hi)))
+        lv = op.Where(inside, op.int_scalar(int(f)), lv)
+    lv = op.Where(op.Greater(s, op.scalar(-math.inf, s)), lv, zero)
+    if partial is not None:
+        lv = op.Where(partial, op.int_scalar(1), lv)
+    return op.Where(g.allowed, lv, zero)
+
+
+def pyramid_bank(op: LoweringBuilder, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value], nkb: ir.Value,
+                 bs: int, levels: tuple[int, ...]) -> dict[str, ir.Value]:
+    """``pyramid.build_bank``: every level's pooled keys/values side by side along the key axis.
+
+    The keys are padded to npad = nkb·bs; level f splits them into npad/f groups of f
+    consecutive tokens; a group's k̄, v̄ are the means over its real tokens (accumulated in
+    float32, then cast back to k's type; a float64 model would pool in float32 here where the
+    reference pools in float64), its bias ``ln c`` (c real tokens, −inf when c = 0).
+    Returns k [B,Hkv,M,D], v [B,Hkv,M,Dv], bias [B|1,M] (k's type), and int64 [M] ``level``,
+    ``block`` (key block) and ``pos`` (position of the group's last token).
+    """
+    npad = op.Unsqueeze(op.Mul(nkb, op.int_scalar(bs)), op.ints([0]))  # [1]
+    tail = op.Sub(npad, op.dims(k, 2, 3))
+    w = op.Pad(_real_keys(op, k, key_padding), op.Concat(op.ints([0, 0, 0]), tail, axis=0))  # [B|1,npad]
+    real4 = op.Unsqueeze(op.Greater(w, op.Constant(value_float=0.0)), op.ints([1, 3]))  # [B|1,1,npad,1]
+    pad4 = op.Concat(op.ints([0, 0, 0, 0, 0, 0]), tail, op.ints([0]), axis=0)
+    zero32 = op.Constant(value_float=0.0)
+    ks = op.Where(real4, op.Pad(op.Cast(k, to=_F32), pad4), zero32)
+    vs = op.Where(real4, op.Pad(op.Cast(v, to=_F32), pad4), zero32)
+    kk, vv, bias, lvl, blk, pos = [], [], [], [], [], []
+    zero, one = op.int_scalar(0), op.int_scalar(1)
+    for f in levels:
+        ng = op.Mul(nkb, op.int_scalar(bs // f))  # 0-D: groups of this level
+        ng1 = op.Unsqueeze(ng, op.ints([0]))
+        cnt = op.ReduceSum(op.Reshape(w, op.Concat(op.dims(w, 0, 1), ng1, op.ints([f]), axis=0), allowzero=1),
+                           op.ints([-1]), keepdims=0)  # [B|1, ng]
+        div = op.Unsqueeze(op.Max(cnt, op.Constant(value_float=1.0)), op.ints([1, 3]))  # [B|1,1,ng,1]
+
+        def pool(x: ir.Value) -> ir.Value:
+            shape = op.Concat(op.dims(x, 0, 2), ng1, op.ints([f]), op.dims(x, 3), axis=0)
+            return op.Div(op.ReduceSum(op.Reshape(x, shape, allowzero=1), op.ints([3]), keepdims=0), div)
+
+        kk.append(op.CastLike(pool(ks), k))
+        vv.append(op.CastLike(pool(vs), v))
+        bias.append(op.Where(op.Greater(cnt, zero32), op.Log(op.Max(cnt, op.Constant(value_float=1.0))),
+                             op.Constant(value_float=-math.inf)))
+        gi = op.Range(zero, ng, one)
+        start = op.Mul(gi, op.int_scalar(f))
+        lvl.append(op.Expand(op.ints([f]), ng1))
+        blk.append(op.Div(start, op.int_scalar(bs)))
+        pos.append(op.Add(start, op.int_scalar(f - 1)))
+    return {"k": op.Concat(*kk, axis=2), "v": op.Concat(*vv, axis=2), "bias": op.CastLike(op.Concat(*bias, axis=1), k),
+            "level": op.Concat(*lvl, axis=0), "block": op.Concat(*blk, axis=0), "pos": op.Concat(*pos, axis=0)}
+
+
+def pooled_bool_mask(op: LoweringBuilder, attn_mask: ir.Value, q: ir.Value, k: ir.Value, nkb: ir.Value, bs: int,
+                     levels: tuple[int, ...]) -> ir.Value:
+    """Bool [B|1,H|1,Nq,M]: a bool ``attn_mask`` over the bank (a group passes only if the mask
+    allows every token of it; positions past Nk count as allowed), as ``pyramid_reference``."""
+    nq = op.dims(q, 2, 3)
+    ones = op.ConstantOfShape(op.Concat(op.ints([1, 1]), nq, op.dims(k, 2, 3), axis=0),
+                              value=ir.tensor(np.array([1.0], dtype=np.float32)))
+    am = op.Mul(op.Cast(op.Cast(attn_mask, to=ir.DataType.BOOL), to=_F32), ones)  # [B|1,H|1,Nq,Nk]
+    npad = op.Unsqueeze(op.Mul(nkb, op.int_scalar(bs)), op.ints([0]))
+    am = op.Pad(am, op.Concat(op.ints([0, 0, 0, 0, 0, 0, 0]), op.Sub(npad, op.dims(k, 2, 3)), axis=0),
+                op.Constant(value_float=1.0))
+    parts = []
+    for f in levels:
+        ng = op.Unsqueeze(op.Mul(nkb, op.int_scalar(bs // f)), op.ints([0]))
+        shape = op.Concat(op.dims(am, 0, 3), ng, op.ints([f]), axis=0)
+        parts.append(op.ReduceMin(op.Reshape(am, shape, allowzero=1), op.ints([-1]), keepdims=0))
+    return op.Greater(op.Concat(*parts, axis=-1), op.Constant(value_float=0.5))
+
+
+@register_lowering("pyramid")
+def lower_pyramid(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
+                  attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
+                  block_mask: Optional[ir.Value]) -> ir.Value:
+    """PSA pyramid attention: levels per (query block, key block) from pooled-QK ranks, then
+    softmax over the bank of all levels' pooled keys (logit ``q·k̄·scale + ln c``), keeping a
+    bank entry for query row i when its key block's level for row i's block equals its level,
+    it holds a real token and (causal) its last token is not after the query. → [B,Hq,Nq,Dv]."""
+    if attn_mask is not None and not op.facts.attn_mask_bool:
+        raise BadInput("pyramid cannot pool a float attn_mask",
+                       "use a bool attn_mask at this site, or another variant")
+    p = _params(config)
+    bs = int(p.block_size)
+    levels = p.levels_used()
+    lv = pyramid_levels(op, q, k, key_padding, causal, scale, bs, p.intervals)  # [B,Hq,nqb,nkb]
+    g = block_grid(op, q, k, bs, bs, causal)
+    bank = pyramid_bank(op, k, v, key_padding, g.nkb, bs, levels)
+    bias4 = op.Unsqueeze(bank["bias"], op.ints([1, 2]))  # [B|1,1,1,M]
+    z = op.Add(op.Mul(gqa_scores(op, q, bank["k"]), op.scalar(scale, q)), bias4)  # [B,Hq,Nq,M]
+    keep = op.Equal(op.Gather(lv, bank["block"], axis=3), bank["level"])  # [B,Hq,nqb,M]
+    keep = op.And(keep, op.Greater(bias4, op.scalar(-math.inf, bias4)))
+    rows = op.Div(op.Range(op.int_scalar(0), op.dim(q, 2), op.int_scalar(1)), op.int_scalar(bs))
+    keep = op.Gather(keep, rows, axis=2)  # [B,Hq,Nq,M]
+    if causal:
+        qpos, _ = positions(op, q, k)
+        keep = op.And(keep, op.LessOrEqual(op.Unsqueeze(bank["pos"], op.ints([0])), op.Unsqueeze(qpos, op.ints([1]))))
+    if attn_mask is not None:
+        keep = op.And(keep, pooled_bool_mask(op, attn_mask, q, k, g.nkb, bs, levels))
+    return gqa_apply(op, masked_softmax(op, z, keep), bank["v"])
+
+
+# --------------------------------------------------------------------------- routing
+
+def routing_regions(op: LoweringBuilder, k: ir.Value, p) -> tuple[ir.Value, int]:
+    """``routing.grid_of``: region of each key position, int64 [Nk] (−1 for the ``n_extra``
+    leading tokens), and the region count R = n_win². The grid comes from the parameters:
+    grid_h × grid_w, one of them inferred from Nk − n_extra, or a square when both are 0
+    (the reference's BadInput for a length that fits no grid cannot be raised at run time)."""
+    nw, x = int(p.n_win), int(p.n_extra)
+    gh, gw = int(p.grid_h), int(p.grid_w)
+    if gh and gw and nw > min(gh, gw):
+        raise BadInput(f"routing: n_win={nw} is out of range for a {gh}x{gw} grid", f"use n_win in [1, {min(gh, gw)}]")
+    nk = op.dim(k, 2)
+    n = op.Sub(nk, op.int_scalar(x))
+    if gh == 0 and gw == 0:
+        side = op.Cast(op.Floor(op.Sqrt(op.Cast(n, to=ir.DataType.DOUBLE))), to=ir.DataType.INT64)
+        h = w = side
+    elif gh == 0:
+        h, w = op.Div(n, op.int_scalar(gw)), op.int_scalar(gw)
+    elif gw == 0:
+        h, w = op.int_scalar(gh), op.Div(n, op.int_scalar(gh))
+    else:
+        h, w = op.int_scalar(gh), op.int_scalar(gw)
+    nws = op.int_scalar(nw)
+    t = op.Sub(op.Range(op.int_scalar(0), nk, op.int_scalar(1)), op.int_scalar(x))
+    grid = op.GreaterOrEqual(t, op.int_scalar(0))
+    t = op.Max(t, op.int_scalar(0))
+    ry = op.Mul(op.Div(op.Mul(op.Div(t, w), nws), h), nws)
+    rx = op.Div(op.Mul(op.Mod(t, w), nws), w)
+    return op.Where(grid, op.Add(ry, rx), op.int_scalar(-1)), nw * nw
+
+
+def _top_regions(op: LoweringBuilder, s: ir.Value, topk: int) -> ir.Value:
+    """``routing._top_regions``: bool, the top-``topk`` entries of the last axis (ties toward the
+    lower index) that are above −inf."""
+    return op.And(op.Less(_ranks(op, s), op.int_scalar(topk)), op.Greater(s, op.scalar(-math.inf, s)))
+
+
+@register_lowering("routing")
+def lower_routing(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
+                  attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
+                  block_mask: Optional[ir.Value]) -> ir.Value:
+    """BiFormer routing: non-causal, each region keeps its top-k regions by the head-summed
+    pooled affinity Σ_h (Q^r_h·scale)·K^r_{g(h)}; causal, each query token keeps its top-k
+    regions by Σ_h q_{h,i}·K^r_{g(h)}(i)·scale (K^r(i): the region's real keys up to i).
+    Tokens attend to the tokens of their kept regions; the extra leading tokens attend to and
+    are attended by everything. → [B,Hq,Nq,Dv]."""
+    p = _params(config)
+    if not causal and not op.facts.self_attention:
+        raise BadInput("routing: a non-causal site needs as many queries as keys",
+                       "route self-attention sites only (q and k on one sequence axis)")
+    reg, r = routing_regions(op, k, p)
+    greg = op.Max(reg, op.int_scalar(0))
+    onehot = op.CastLike(op.Equal(op.Unsqueeze(reg, op.ints([1])),
+                                  op.Unsqueeze(op.Range(op.int_scalar(0), op.int_scalar(r), op.int_scalar(1)),
+                                               op.ints([0]))), q)  # [Nk, R]
+    kw = op.CastLike(_real_keys(op, k, key_padding), q)  # [B|1, Nk]
+    hq, hkv = op.facts.q_heads, op.facts.kv_heads
+    one = op.scalar(1.0, q)
+    if causal:
+        q5 = op.Reshape(q, op.Concat(op.dims(q, 0, 1), op.ints([hkv, hq // hkv]), op.dims(q, 2), axis=0),
+                        allowzero=1)
+        qs = op.ReduceSum(q5, op.ints([2]), keepdims=0)  # [B,Hkv,Nq,D]: Σ over each KV head's queries
+        zs = op.ReduceSum(op.MatMul(qs, op.Transpose(k, perm=[0, 1, 3, 2])), op.ints([1]), keepdims=0)  # [B,Nq,Nk]
+        qpos, kpos = positions(op, q, k)
+        vis = op.CastLike(op.LessOrEqual(op.Unsqueeze(kpos, op.ints([0])), op.Unsqueeze(qpos, op.ints([1]))), q)
+        mf = op.Mul(op.Unsqueeze(vis, op.ints([0])), op.Unsqueeze(kw, op.ints([1])))  # [B|1,Nq,Nk]
+        num = op.MatMul(op.Mul(zs, mf), onehot)  # [B,Nq,R]
+        cnt = op.MatMul(mf, onehot)  # [B|1,Nq,R]
+        s = op.Mul(op.Div(num, op.Max(cnt, one)), op.scalar(scale, q))
+        s = op.Where(op.Equal(cnt, op.scalar(0.0, q)), op.scalar(-math.inf, q), s)
+        sel = _top_regions(op, s, int(p.topk))  # [B,Nq,R]
+        keep = op.Gather(sel, greg, axis=2)  # [B,Nq,Nk]
+        qreg = op.Gather(reg, qpos, axis=0)
+    else:
+        qw = kw  # real queries: self-attention, so query_validity is key_padding
+        onehot_t = op.Unsqueeze(op.Transpose(onehot, perm=[1, 0]), op.ints([0]))  # [1,R,N]
+
+        def region_means(x: ir.Value, wts: ir.Value) -> tuple[ir.Value, ir.Value]:
+            m = op.Mul(onehot_t, op.Unsqueeze(wts, op.ints([1])))  # [B|1,R,N]
+            c = op.ReduceSum(m, op.ints([-1]), keepdims=0)  # [B|1,R]
+            mean = op.Div(op.MatMul(op.Unsqueeze(m, op.ints([1])), x), op.Unsqueeze(op.Max(c, one), op.ints([1, 3])))
+            return mean, c  # [B,H,R,D]
+
+        qr, _ = region_means(q, qw)
+        kr, kcnt = region_means(k, kw)
+        a = op.ReduceSum(gqa_scores(op, op.Mul(qr, op.scalar(scale, q)), kr), op.ints([1]), keepdims=0)  # [B,R,R]
+        a = op.Where(op.Unsqueeze(op.Equal(kcnt, op.scalar(0.0, q)), op.ints([1])), op.scalar(-math.inf, q), a)
+        sel = _top_regions(op, a, int(p.topk))  # [B,R,R]
+        qpos, _ = positions(op, q, k)
+        qreg = op.Gather(reg, qpos, axis=0)
+        keep = op.Gather(op.Gather(sel, op.Max(qreg, op.int_scalar(0)), axis=1), greg, axis=2)  # [B,Nq,Nk]
+    extra_key = op.Unsqueeze(op.Less(reg, op.int_scalar(0)), op.ints([0]))  # [1,Nk]
+    extra_query = op.Unsqueeze(op.Less(qreg, op.int_scalar(0)), op.ints([1]))  # [Nq,1]
+    keep = op.Or(op.Or(keep, extra_key), extra_query)
+    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, op.Unsqueeze(keep, op.ints([1])))
