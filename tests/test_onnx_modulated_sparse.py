@@ -2,7 +2,9 @@
 
 A site's config may carry ``modulators`` (composed onto the site's variant through AttnContext by
 ``compose_modulators``). Every sparse lowering must apply them exactly as the torch op does, or
-the export must refuse the site; it must never silently drop them.
+the export must refuse the site; it must never silently drop them. Where the torch op itself
+refuses a modulated site (``pyramid``: pooled keys have no per-token logits), the export refuses
+it too.
 """
 from __future__ import annotations
 
@@ -42,12 +44,23 @@ SPARSE = {
     "window_sink": {"sink_tokens": 2, "window": 6},
     "delta": {"keep": 0.4, "page_size": 4, "q_block": 8, "sink_pages": 1, "recent_pages": 1, "score_queries": 4},
     "delta_sparse": {"page_size": 4, "q_block": 8, "sink_pages": 0, "recent_pages": 1},
+    "token_topk": {"n_init": 2, "n_local": 4, "top_k": 4, "chunk": 8},
+    "knn": {"top_k": 0, "frac": 0.3, "context_token": True},
+    "dhsa": {"chunk": 8, "budget": 0.3, "sink_chunks": 1, "local_chunks": 1},
+    # 4 extra tokens + a 4-row grid (4x7 at 32 keys, 4x5 at 24), 16 regions, 4 kept
+    "routing": {"grid_h": 4, "n_extra": 4, "n_win": 4, "topk": 4},
+    "pyramid": {"block_size": 8, "intervals": [[1, 0.0, 0.3], [2, 0.3, 0.5], [4, 0.5, 0.7], [8, 0.7, 0.9]]},
 }
 PRODUCER = {"reuse": "block_topk", "delta_sparse": "delta"}
+# Variants whose torch op refuses a modulated site (BadInput): the export must refuse it as well.
+TORCH_REFUSES = {"pyramid"}
 
 # (b, nq, nk, seed): two lengths through one model (ragged last block at 27)
 SHAPES = [(2, 32, 32, 0), (1, 27, 27, 5)]
 SHAPES_SUFFIX = [(2, 20, 32, 7), (1, 9, 30, 9)]  # causal: queries are the last Nq of Nk
+# routing needs key lengths its grid fits (Nk − n_extra a multiple of grid_h)
+SHAPES_OF = {"routing": [(2, 32, 32, 0), (1, 24, 24, 5)]}
+SHAPES_SUFFIX_OF = {"routing": [(2, 20, 32, 7), (1, 9, 24, 9)]}
 
 
 def _mods(names):
@@ -84,12 +97,37 @@ def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def _check_refused(name: str, mod_names, cfg: str, plain_cfg: str, causal: bool, shapes) -> None:
+    """The torch op refuses the modulated site; the export refuses it too (one line naming site,
+    variant and modulators, with a fix), while the same site without modulators exports and
+    equals the op."""
+    b, nq, nk, seed = shapes[0]
+    q, k, v, kp = _inputs(b, nq, nk, seed)
+    feeds = {"q": q, "k": k, "v": v, "key_padding": kp}
+    with pytest.raises(BadInput):
+        _torch_op(name, cfg, q, k, v, kp, causal)
+    with pytest.raises(BadInput) as e:
+        L.single_op_model(name, cfg, causal, SCALE, feeds)
+    _one_line_naming(e.value, "layers.3.attn", name, *mod_names)
+    assert e.value.fix
+    sess = _session(L.single_op_model(name, plain_cfg, causal, SCALE, feeds))
+    for b, nq, nk, seed in shapes:
+        q, k, v, kp = _inputs(b, nq, nk, seed)
+        got = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "key_padding": kp.numpy()})
+        want = _torch_op(name, plain_cfg, q, k, v, kp, causal)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=3e-5, err_msg=f"{name} nq={nq} nk={nk}")
+
+
 def _check(name: str, mod_names, causal: bool, shapes) -> None:
     """One single-op model for ``name`` with ``mod_names`` composed; at each shape its onnxruntime
-    outputs equal the torch op's (block masks bit-equal), and the modulation is not a no-op."""
+    outputs equal the torch op's (block masks bit-equal), and the modulation is not a no-op.
+    Variants whose torch op refuses modulators (:data:`TORCH_REFUSES`) must be refused alike."""
     mods = _mods(mod_names)
     cfg = _config(name, SPARSE[name], mods)
     plain_cfg = _config(name, SPARSE[name], None)
+    if name in TORCH_REFUSES:
+        _check_refused(name, mod_names, cfg, plain_cfg, causal, shapes)
+        return
     sess, moved = None, 0.0
     for b, nq, nk, seed in shapes:
         q, k, v, kp = _inputs(b, nq, nk, seed)
@@ -118,13 +156,19 @@ def _check(name: str, mod_names, causal: bool, shapes) -> None:
 @pytest.mark.parametrize("mods", list(MOD_SETS), ids=list(MOD_SETS))
 @pytest.mark.parametrize("name", list(SPARSE))
 def test_sparse_with_modulators_matches_op(name, mods, causal):
-    _check(name, MOD_SETS[mods], causal, SHAPES)
+    _check(name, MOD_SETS[mods], causal, SHAPES_OF.get(name, SHAPES))
 
 
 @pytest.mark.parametrize("name", list(SPARSE))
 def test_sparse_with_modulators_suffix_queries(name):
     """Causal sites whose queries are the last Nq of Nk keys (chunked prefill / decode shapes)."""
-    _check(name, CHAIN, True, SHAPES_SUFFIX)
+    _check(name, CHAIN, True, SHAPES_SUFFIX_OF.get(name, SHAPES_SUFFIX))
+
+
+def test_matrix_covers_every_lowered_sparse_variant():
+    """Every lowered variant of the sparse family is in the modulator matrix above."""
+    sparse = {n for n in L.lowered_variants() if get_variant(n).family == "sparse"}
+    assert sparse <= set(SPARSE), sorted(sparse - set(SPARSE))
 
 
 @pytest.mark.parametrize("name", [n for n in BL.FAST_VARIANTS if n in SPARSE])

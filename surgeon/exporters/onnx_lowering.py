@@ -246,8 +246,13 @@ def causal_mask(op: LoweringBuilder, q: ir.Value, k: ir.Value) -> ir.Value:
 
 
 def is_finite(op: LoweringBuilder, x: ir.Value) -> ir.Value:
-    """Bool, same shape: neither inf nor NaN (``torch.isfinite``)."""
-    return op.Not(op.Or(op.IsInf(x), op.IsNaN(x)))
+    """Bool, same shape: neither inf nor NaN (``torch.isfinite``).
+
+    ``x − x`` is 0 for finite x and NaN for ±inf or NaN, so one IsNaN decides. (``IsInf``
+    takes float16/bfloat16 only from opset 20; Sub and IsNaN(13) take every float type at
+    opset 18, and onnxruntime's CPU provider runs them in float16.)
+    """
+    return op.Not(op.IsNaN(op.Sub(x, x)))
 
 
 def repeat_heads(op: LoweringBuilder, x: ir.Value) -> ir.Value:

@@ -9,6 +9,13 @@ sequence lengths; every tensor has a static rank.
 Correctness first, like the other sparse lowerings: they build the variant's keep mask (over
 the token keys, or over ``pyramid``'s bank of all pooled levels) and run masked dense attention;
 a runtime plugin of the same name is where the sparse speedup belongs.
+
+Modulators (config ``modulators``), as the torch references treat them: ``routing`` attends
+token keys through ``attention_from_keep``, so its lowering applies the composed edits of
+:func:`surgeon.exporters.onnx_lowering.modulator_edits` at the same places (logits over the
+token keys after scaling, probabilities, output). ``pyramid`` attends pooled keys, which
+per-token hooks cannot edit: its reference refuses a modulated context (BadInput), and so does
+its lowering, with the reference's reason, rather than export a body torch would not run.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from typing import Optional
 import numpy as np
 import onnx_ir as ir
 
+from surgeon.attention.ops import parse_config
 from surgeon.errors import BadInput
 from surgeon.exporters.onnx_lowering import (
     LoweringBuilder,
@@ -28,6 +36,7 @@ from surgeon.exporters.onnx_lowering import (
     gqa_apply,
     gqa_scores,
     masked_softmax,
+    modulator_edits,
     pooled_rows,
     positions,
     query_weights,
@@ -169,7 +178,16 @@ def lower_pyramid(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, ke
     """PSA pyramid attention: levels per (query block, key block) from pooled-QK ranks, then
     softmax over the bank of all levels' pooled keys (logit ``q·k̄·scale + ln c``), keeping a
     bank entry for query row i when its key block's level for row i's block equals its level,
-    it holds a real token and (causal) its last token is not after the query. → [B,Hq,Nq,Dv]."""
+    it holds a real token and (causal) its last token is not after the query. → [B,Hq,Nq,Dv].
+
+    A site with modulators is refused, as the reference refuses a modulated context."""
+    mods = [str(m.get("variant")) for m in (parse_config(config)[2].get("modulators") or [])]
+    if mods:
+        where = f"site '{op.site}'" if op.site else "a site"
+        raise BadInput(f"{where} uses variant 'pyramid' with modulator(s) {', '.join(mods)}: pyramid attends pooled "
+                       f"keys, which per-token modulation hooks cannot edit (the PyTorch op refuses it too)",
+                       "remove the modulators from this site's policy entry, or compose them with a token-level "
+                       "variant (e.g. block_topk) instead of pyramid")
     if attn_mask is not None and not op.facts.attn_mask_bool:
         raise BadInput("pyramid cannot pool a float attn_mask",
                        "use a bool attn_mask at this site, or another variant")
@@ -238,7 +256,9 @@ def lower_routing(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, ke
     pooled affinity Σ_h (Q^r_h·scale)·K^r_{g(h)}; causal, each query token keeps its top-k
     regions by Σ_h q_{h,i}·K^r_{g(h)}(i)·scale (K^r(i): the region's real keys up to i).
     Tokens attend to the tokens of their kept regions; the extra leading tokens attend to and
-    are attended by everything. → [B,Hq,Nq,Dv]."""
+    are attended by everything. The site's modulators edit the token logits, probabilities and
+    output of that attention (the routing itself never sees them), as the reference's
+    ``attention_from_keep``. → [B,Hq,Nq,Dv]."""
     p = _params(config)
     if not causal and not op.facts.self_attention:
         raise BadInput("routing: a non-causal site needs as many queries as keys",
@@ -287,4 +307,6 @@ def lower_routing(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, ke
     extra_key = op.Unsqueeze(op.Less(reg, op.int_scalar(0)), op.ints([0]))  # [1,Nk]
     extra_query = op.Unsqueeze(op.Less(qreg, op.int_scalar(0)), op.ints([1]))  # [Nq,1]
     keep = op.Or(op.Or(keep, extra_key), extra_query)
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, op.Unsqueeze(keep, op.ints([1])))
+    mods = modulator_edits(op, q, k, v, key_padding, causal, scale, config)
+    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, op.Unsqueeze(keep, op.ints([1])),
+                     **mods.kwargs())
