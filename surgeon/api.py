@@ -242,3 +242,42 @@ def bench(model_or_dir: Any = None, seq_lens: Any = (2048, 4096, 8192), device: 
     from surgeon.benchmark import bench as _bench
 
     return _bench(model_or_dir, seq_lens=seq_lens, device=device, **options)
+
+
+# --------------------------------------------------------------------------- tune
+
+def tune(model: LoadedModel | Captured | str, variant: str, *, data: Optional[str] = None, samples: int = 4,
+         seq_len: int = 512, seed: int = 0, scope: str = "global", objective: Optional[str] = None,
+         spans: Any = None, layers: Any = None, heads: Any = None, strength: Optional[float] = None,
+         grid: Any = None, windows: Any = None, refine: Optional[int] = None, sweeps: Optional[int] = None,
+         rounds: Optional[int] = None, k: Optional[int] = None, out: Optional[Path | str] = "recipe.yaml",
+         force: bool = False, progress: Any = None, **options: Any) -> dict[str, Any]:
+    """Calibrate a modulated variant (temperature, head_boost, sink_redistribute, identity_blend,
+    local_boost) on the calib split and write a ``surgeon rewrite --recipe`` YAML (calibration
+    numbers as header comments) plus ``<out stem>.tune.json`` (see :mod:`surgeon.profiles.tune`).
+
+    ``objective``: ``"module:function"``, ``fn(output, input_ids[, dense]) -> float`` to minimise
+    (default: calibration cross-entropy). Everything that can be checked without the model is
+    checked first; nothing is written on error. ``out=None`` writes nothing. Returns the sidecar
+    document with ``out``/``sidecar`` paths added."""
+    from surgeon.artifacts import check_writable_output
+    from surgeon.profiles import tune as _tune
+
+    text_like = not (isinstance(model, str) and (model == "vit-tiny" or model.startswith("timm:")))
+    opts = _tune.check_options(variant, scope=scope, objective=objective, spans=spans, layers=layers, heads=heads,
+                               strength=strength, grid=grid, windows=windows, refine=refine, sweeps=sweeps,
+                               rounds=rounds, k=k, seq_len=seq_len if text_like else None, **options)
+    if out is not None:
+        check_writable_output(Path(out), force)
+        check_writable_output(_tune.sidecar_path(Path(out)), force)
+    if isinstance(model, Captured):
+        lm, cap = model.model, model
+    else:
+        lm = _load(model) if isinstance(model, str) else model
+        cap = _capture(lm)
+    res = _tune.tune(lm, cap, opts, data=data, samples=samples, seq_len=seq_len, seed=seed, progress=progress)
+    doc = res.document()
+    if out is not None:
+        o, side = _tune.write_outputs(res, Path(out), force=force)
+        doc["out"], doc["sidecar"] = str(o), str(side)
+    return doc

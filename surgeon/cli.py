@@ -5,6 +5,7 @@ Exit codes: 0 success · 1 a check failed (verification, fidelity) · 2 bad inpu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -110,6 +111,25 @@ def variants(json_out: bool = typer.Option(False, "--json", help="print JSON")) 
     out.print(t)
 
 
+@contextlib.contextmanager
+def _stage_bars(enabled: bool = True):
+    """Rich progress bars on stderr, one per stage; yields ``progress(stage, done, total)``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=False, disable=not enabled) as prog:
+        tasks: dict[str, Any] = {}
+        setup = prog.add_task("loading and capturing", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            prog.update(setup, visible=False)
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(stage, total=total)
+            prog.update(tasks[stage], completed=done, total=total)
+
+        yield progress
+
+
 class _Steps:
     """Spinner status lines for multi-stage commands (stderr)."""
 
@@ -138,22 +158,10 @@ def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
             budget: float = typer.Option(0.15, "--budget", help="budget of the policy shown in the report"),
             force: bool = typer.Option(False, "--force", help="overwrite existing outputs")) -> None:
     """Calibration profiling: HeSS, mass concentration, entropy, sinks, HyLRA overlap, layer sensitivity."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from surgeon import api
 
     rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 draws progress and reports
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=False, disable=rank != 0) as prog:
-        tasks: dict[str, Any] = {}
-        setup = prog.add_task("loading and capturing", total=None)
-
-        def progress(stage: str, done: int, total: int) -> None:
-            prog.update(setup, visible=False)
-            if stage not in tasks:
-                tasks[stage] = prog.add_task(stage, total=total)
-            prog.update(tasks[stage], completed=done, total=total)
-
+    with _stage_bars(enabled=rank == 0) as progress:
         prof, pol = api.profile(model, data=data, samples=samples, seq_len=seq_len, block_size=block_size,
                                 seed=seed, out=out_path, report=report, budget=budget, force=force, progress=progress)
     if prof is None:  # a distributed rank other than 0: rank 0 wrote the profile
@@ -317,6 +325,68 @@ def bench(model_or_dir: str = typer.Argument("smollm2-135m", metavar="[MODEL_OR_
     out.print(t)
     if res.get("skipped_seq_lens"):
         out.print(f"skipped lengths outside the model's range: {res['skipped_seq_lens']}")
+
+
+@app.command()
+@guarded
+def tune(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+         variant: str = typer.Option(..., "--variant", help="temperature | head_boost | sink_redistribute | "
+                                     "identity_blend | local_boost"),
+         data: Optional[str] = typer.Option(None, "--data", help="calibration text (file, folder, JSONL); its calib "
+                                            "split is used (default: the built-in corpus)"),
+         samples: int = typer.Option(4, "--samples", help="calibration rows"),
+         seq_len: int = typer.Option(512, "--seq-len", help="tokens per row"),
+         scope: str = typer.Option("global", "--scope", help="temperature/local_boost: one value for all chosen "
+                                   "layers (global) or one per layer by coordinate descent (layer)"),
+         objective: Optional[str] = typer.Option(None, "--objective", help="module:function, fn(output, input_ids"
+                                                 "[, dense]) -> float to MINIMISE (default: calibration "
+                                                 "cross-entropy, surgeon.profiles.objectives:calibration_ce)"),
+         spans: Optional[str] = typer.Option(None, "--spans", help="head_boost: key spans to boost; sink_redistribute: "
+                                             "the target span; start:end[,start:end] (end exclusive; default: the "
+                                             "model's span metadata, else the first min(16, N/2) tokens)"),
+         layers: Optional[str] = typer.Option(None, "--layers", help="layers to tune, e.g. 2-5,7 (default: the "
+                                              "variant's: all; head_boost ≥ 2; sink_redistribute 2…L-2; "
+                                              "local_boost the middle third)"),
+         heads: Optional[str] = typer.Option(None, "--heads", help="query heads to consider, e.g. 0,3-5 "
+                                             "(head_boost, sink_redistribute, identity_blend, local_boost)"),
+         strength: Optional[float] = typer.Option(None, "--strength", help="head_boost alpha (0.7), identity_blend u "
+                                                  "(0.5), sink_redistribute p (0.6)"),
+         grid: Optional[str] = typer.Option(None, "--grid", help="values searched: temperature sigma, local_boost "
+                                            "gamma, head_boost alpha (comma-separated; 0 = dense)"),
+         windows: Optional[str] = typer.Option(None, "--windows", help="local_boost windows searched (default 2,5,10)"),
+         refine: Optional[int] = typer.Option(None, "--refine", help="golden-section steps after the grid (default 4)"),
+         sweeps: Optional[int] = typer.Option(None, "--sweeps", help="--scope layer: coordinate-descent sweeps (1)"),
+         rounds: Optional[int] = typer.Option(None, "--rounds", help="identity_blend: HeadHunter rounds (1)"),
+         k: Optional[int] = typer.Option(None, "--k", help="identity_blend: heads picked per round (4)"),
+         seed: int = typer.Option(0, "--seed", help="row sampling seed (same inputs and seed → identical outputs)"),
+         out_path: Path = typer.Option(Path("recipe.yaml"), "--out", help="recipe YAML (the search goes to "
+                                       "<stem>.tune.json next to it)"),
+         force: bool = typer.Option(False, "--force", help="overwrite existing outputs"),
+         json_out: bool = typer.Option(False, "--json", help="print the calibration document as JSON")) -> None:
+    """Calibrate a modulated variant on calibration data and write a recipe for `surgeon rewrite --recipe`."""
+    from surgeon import api
+
+    with _stage_bars() as progress:
+        doc = api.tune(model, variant, data=data, samples=samples, seq_len=seq_len, seed=seed, scope=scope,
+                       objective=objective, spans=spans, layers=layers, heads=heads, strength=strength, grid=grid,
+                       windows=windows, refine=refine, sweeps=sweeps, rounds=rounds, k=k, out=out_path, force=force,
+                       progress=progress)
+    if json_out:
+        print(json.dumps(doc, indent=2))
+        return
+    ob = doc["objective"]
+    t = Table(title=f"{doc['model']}: {doc['variant']} tuned on {doc['data']['samples']} x {doc['data']['seq_len']} "
+                    f"calibration tokens")
+    t.add_column("site", no_wrap=True)
+    t.add_column("variant")
+    t.add_column("parameters")
+    for name, spec in doc["recipe"].items():
+        params = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "variant")
+        t.add_row(name, spec["variant"], params or "—")
+    out.print(t)
+    out.print(f"objective {ob['spec']} (minimised): dense {ob['before_dense']:.6f} → tuned {ob['after']:.6f} "
+              f"({ob['change']:+.6f}) over {ob['evaluations']} evaluations")
+    out.print(f"recipe → {doc['out']}   search → {doc['sidecar']}")
 
 
 def main() -> None:
