@@ -301,6 +301,17 @@ def _plan_chunks(smax: list[int], rows_per_qb: int, k_block: int) -> list[tuple[
     return chunks
 
 
+def triton_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_block: int, k_block: int) -> bool:
+    """True for CUDA inputs the Triton block-sparse kernel supports (square blocks of 16–128,
+    float16/bfloat16/float32, head dim ≤ 256). CPU tensors always use the gather kernel here —
+    the Triton interpreter is for the kernels' tests, not for the op."""
+    if q.device.type != "cuda" or q_block != k_block:
+        return False
+    from surgeon.kernels.triton_common import kernel_supports
+
+    return kernel_supports(q, k, v, q_block)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -319,7 +330,16 @@ def block_sparse_attention(
     key_padding bool [B,Nk] (True = real) → out [B,Hq,Nq,Dv]. Token-level causal and padding
     masks apply inside kept blocks; rows with no kept, allowed key give 0. Equals
     ``attention_from_keep(q, k, v, ctx, upsample_block_mask(block_mask, ...))``.
+
+    CUDA tensors go to the Triton kernel (:func:`surgeon.kernels.triton_blocksparse.blocksparse_attention`,
+    same semantics) when it supports them (:func:`triton_eligible`); this is how block_topk,
+    reuse, dhsa and delta_sparse (square blocks) select it automatically. window_sink's exact
+    token band is not a block pattern: it keeps its own band path.
     """
+    if triton_eligible(q, k, v, q_block, k_block):
+        from surgeon.kernels.triton_blocksparse import blocksparse_attention
+
+        return blocksparse_attention(q, k, v, block_mask, scale, causal, key_padding, block=q_block)
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
