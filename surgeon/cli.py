@@ -157,7 +157,10 @@ def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
             seed: int = typer.Option(0, "--seed", help="random seed (same inputs and seed → identical profile)"),
             budget: float = typer.Option(0.15, "--budget", help="budget of the policy shown in the report"),
             force: bool = typer.Option(False, "--force", help="overwrite existing outputs")) -> None:
-    """Calibration profiling: HeSS, mass concentration, entropy, sinks, HyLRA overlap, layer sensitivity."""
+    """Calibration profiling: HeSS, mass concentration, entropy, sinks, HyLRA overlap, layer sensitivity.
+
+    Distributed: `torchrun --nproc-per-node N -m surgeon profile ...` splits the samples across
+    ranks (gloo on CPU, nccl on GPUs); rank 0 writes the same profile one process would."""
     from surgeon import api
 
     rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 draws progress and reports
