@@ -33,12 +33,10 @@ from typing import Optional
 
 import torch
 
+from surgeon.attention.block_consumer import BlockMaskConsumer
 from surgeon.kernels.blocksparse_cpu import (
     NEG_INF,
     block_geometry,
-    block_mask_density,
-    block_pair_counts,
-    block_sparse_attention,
     check_block_mask,
     keep_counts,
     num_blocks,
@@ -46,7 +44,6 @@ from surgeon.kernels.blocksparse_cpu import (
     real_blocks,
     recent_blocks,
     select_top,
-    upsample_block_mask,
 )
 from surgeon.attention.base import (
     AttnContext,
@@ -54,8 +51,6 @@ from surgeon.attention.base import (
     VariantParams,
     attention_from_keep,
     check_range,
-    record_density,
-    recorder_active,
 )
 from surgeon.attention.dense import sdpa
 
@@ -219,12 +214,11 @@ class Delta(Variant):
         return DeltaParams(keep=0.3, page_size=8, q_block=16, sink_pages=1, recent_pages=2, score_queries=8)
 
 
-class DeltaSparse(Variant):
+class DeltaSparse(BlockMaskConsumer):
     name = "delta_sparse"
     Params = DeltaSparseParams
     family = "sparse"
     description = "DELTA sparse layer: attention over the last Δ-layer's pages plus sink and recent pages"
-    consumes_block_mask = True
 
     def effective_mask(self, q, k, ctx: AttnContext, p: DeltaSparseParams, block_mask) -> torch.Tensor:
         """Incoming page mask ∪ sink/recent pages, bool [B, Hq, nqb, npages]."""
@@ -234,51 +228,8 @@ class DeltaSparse(Variant):
         bm = check_block_mask(block_mask, b, hq, geo.nqb, geo.nkb, self.name, "page_size and q_block")
         return bm | recent_blocks(geo, p.sink_pages, p.recent_pages * p.page_size)
 
-    def reference(self, q, k, v, ctx: AttnContext, p: DeltaSparseParams, block_mask=None):
-        bm = self.effective_mask(q, k, ctx, p, block_mask)
-        out = attention_from_keep(q, k, v, ctx, upsample_block_mask(bm, q.shape[2], k.shape[2], p.q_block,
-                                                                     p.page_size))
-        self._record(q, k, ctx, p, bm)
-        return out
-
-    def _gather(self, q, k, v, ctx: AttnContext, p: DeltaSparseParams, block_mask=None):
-        bm = self.effective_mask(q, k, ctx, p, block_mask)
-        out = block_sparse_attention(q, k, v, bm, q_block=p.q_block, k_block=p.page_size, causal=ctx.causal,
-                                     scale=ctx.scale, key_padding=ctx.key_padding)
-        self._record(q, k, ctx, p, bm)
-        return out
-
-    def _record(self, q, k, ctx: AttnContext, p: DeltaSparseParams, bm: torch.Tensor) -> None:
-        if recorder_active():
-            counts = block_pair_counts(q.shape[2], k.shape[2], p.q_block, p.page_size, ctx.causal,
-                                       ctx.key_padding, q.device)
-            d = block_mask_density(bm, counts)
-            record_density(ctx.site, self.name, d, d)
-
-    def fast_paths(self):
-        return {"gather": self._gather}
-
-    def fast_available(self, name: str, q, ctx: AttnContext, p: VariantParams) -> bool:
-        return not ctx.modulated and ctx.attn_mask is None
-
-    def keep_mask(self, q, k, v, ctx: AttnContext, p: DeltaSparseParams, block_mask=None) -> torch.Tensor:
-        bm = self.effective_mask(q, k, ctx, p, block_mask)
-        return upsample_block_mask(bm, q.shape[2], k.shape[2], p.q_block, p.page_size)
-
-    def requested_density(self, p: DeltaSparseParams) -> float:
-        # the budget is the Δ-layer's; a sparse layer requests whatever its planner selected
-        return 1.0
-
-    def achieved_density(self, q, k, v, ctx: AttnContext, p: DeltaSparseParams, block_mask=None) -> float:
-        if ctx.attn_mask is not None:
-            return super().achieved_density(q, k, v, ctx, p, block_mask)
-        counts = block_pair_counts(q.shape[2], k.shape[2], p.q_block, p.page_size, ctx.causal,
-                                   ctx.key_padding, q.device)
-        return block_mask_density(self.effective_mask(q, k, ctx, p, block_mask), counts)
-
-    def block_mask_shape(self, q, k, p: DeltaSparseParams) -> tuple:
-        return (q.shape[0], q.shape[1], (q.shape[2] + p.q_block - 1) // p.q_block,
-                (k.shape[2] + p.page_size - 1) // p.page_size)
+    def blocks(self, p: DeltaSparseParams) -> tuple[int, int]:
+        return p.q_block, p.page_size
 
     # -- test-matrix hooks ------------------------------------------------------------
     def degenerate_params(self, n: int) -> DeltaSparseParams:

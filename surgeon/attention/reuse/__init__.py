@@ -14,25 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from surgeon.kernels.blocksparse_cpu import (
-    block_geometry,
-    block_mask_density,
-    block_pair_counts,
-    block_sparse_attention,
-    check_block_mask,
-    num_blocks,
-    sink_local_blocks,
-    upsample_block_mask,
-)
-from surgeon.attention.base import (
-    AttnContext,
-    Variant,
-    VariantParams,
-    attention_from_keep,
-    check_range,
-    record_density,
-    recorder_active,
-)
+from surgeon.kernels.blocksparse_cpu import block_geometry, check_block_mask, num_blocks, sink_local_blocks
+from surgeon.attention.base import AttnContext, VariantParams, check_range
+from surgeon.attention.block_consumer import BlockMaskConsumer
 from surgeon.attention.block_topk import topk_block_mask
 
 # keep fraction of the stand-in anchor selection made by ``make_block_mask`` (tests, demos)
@@ -54,12 +38,11 @@ class ReuseParams(VariantParams):
         check_range("local_blocks", self.local_blocks, 0, 1 << 30)
 
 
-class Reuse(Variant):
+class Reuse(BlockMaskConsumer):
     name = "reuse"
     Params = ReuseParams
     family = "sparse"
     description = "block-sparse attention over an anchor layer's block mask (HyLRA REUSE) plus sinks/local blocks"
-    consumes_block_mask = True
 
     def effective_mask(self, q, k, ctx: AttnContext, p: ReuseParams, block_mask) -> torch.Tensor:
         """Incoming mask ∪ sink/local blocks, bool [B, Hq, nqb, nkb]."""
@@ -70,47 +53,8 @@ class Reuse(Variant):
         geo = block_geometry(nq, nk, p.block_size, p.block_size, ctx.causal, q.device)
         return bm | sink_local_blocks(geo, p.sink_blocks, p.local_blocks)
 
-    def reference(self, q, k, v, ctx: AttnContext, p: ReuseParams, block_mask=None):
-        bm = self.effective_mask(q, k, ctx, p, block_mask)
-        keep = upsample_block_mask(bm, q.shape[2], k.shape[2], p.block_size, p.block_size)
-        out = attention_from_keep(q, k, v, ctx, keep)
-        self._record(q, k, ctx, p, bm)
-        return out
-
-    def _gather(self, q, k, v, ctx: AttnContext, p: ReuseParams, block_mask=None):
-        bm = self.effective_mask(q, k, ctx, p, block_mask)
-        out = block_sparse_attention(q, k, v, bm, q_block=p.block_size, k_block=p.block_size,
-                                     causal=ctx.causal, scale=ctx.scale, key_padding=ctx.key_padding)
-        self._record(q, k, ctx, p, bm)
-        return out
-
-    def _record(self, q, k, ctx: AttnContext, p: ReuseParams, bm: torch.Tensor) -> None:
-        if recorder_active():
-            counts = block_pair_counts(q.shape[2], k.shape[2], p.block_size, p.block_size, ctx.causal,
-                                       ctx.key_padding, q.device)
-            d = block_mask_density(bm, counts)
-            record_density(ctx.site, self.name, d, d)
-
-    def fast_paths(self):
-        return {"gather": self._gather}
-
-    def fast_available(self, name: str, q, ctx: AttnContext, p: VariantParams) -> bool:
-        return not ctx.modulated and ctx.attn_mask is None
-
-    def keep_mask(self, q, k, v, ctx: AttnContext, p: ReuseParams, block_mask=None) -> torch.Tensor:
-        bm = self.effective_mask(q, k, ctx, p, block_mask)
-        return upsample_block_mask(bm, q.shape[2], k.shape[2], p.block_size, p.block_size)
-
-    def requested_density(self, p: ReuseParams) -> float:
-        # the budget is the anchor's; a reuse layer requests whatever its anchor selected
-        return 1.0
-
-    def achieved_density(self, q, k, v, ctx: AttnContext, p: ReuseParams, block_mask=None) -> float:
-        if ctx.attn_mask is not None:
-            return super().achieved_density(q, k, v, ctx, p, block_mask)
-        counts = block_pair_counts(q.shape[2], k.shape[2], p.block_size, p.block_size, ctx.causal,
-                                   ctx.key_padding, q.device)
-        return block_mask_density(self.effective_mask(q, k, ctx, p, block_mask), counts)
+    def blocks(self, p: ReuseParams) -> tuple[int, int]:
+        return p.block_size, p.block_size
 
     # -- test-matrix hooks ------------------------------------------------------------
     def degenerate_params(self, n: int) -> ReuseParams:
