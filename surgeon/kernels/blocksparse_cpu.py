@@ -100,6 +100,26 @@ def block_geometry(nq: int, nk: int, q_block: int, k_block: int, causal: bool,
     return BlockGeometry(nq, nk, q_block, k_block, causal, q_first, q_last, allowed, partial, diag)
 
 
+def causal_block_bounds(nq: int, nk: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(future [nqb,nkb], partial [nqb,nkb]) for causal attention with queries at the last Nq of Nk.
+
+    ``future``: every key of the key block is after every query of the query block (never
+    attended). ``partial``: the key block reaches the first query of the query block (token-level
+    mask needed; for Nq == Nk exactly the diagonal block).
+    """
+    nqb, nkb = num_blocks(nq, block), num_blocks(nk, block)
+    off = nk - nq
+    i = torch.arange(nqb, device=device)
+    j = torch.arange(nkb, device=device)
+    q_first = i * block + off
+    q_last = torch.clamp(i * block + block, max=nq) - 1 + off
+    k_first = j * block
+    k_last = torch.clamp(j * block + block, max=nk) - 1
+    future = k_first[None, :] > q_last[:, None]
+    partial = ~future & (k_last[None, :] >= q_first[:, None])
+    return future, partial
+
+
 def sink_local_blocks(geo: BlockGeometry, sink_blocks: int, local_blocks: int) -> torch.Tensor:
     """Bool [nqb, nkb]: the first ``sink_blocks`` key blocks and the ``local_blocks`` blocks
     ending at each query block's diagonal block, restricted to allowed blocks."""

@@ -26,11 +26,11 @@ from typing import Optional
 import torch
 
 from surgeon.errors import BadInput
+from surgeon.kernels.blocksparse_cpu import causal_block_bounds
 from surgeon.kernels.triton_common import (
     HAS_TRITON,
     LOG2E,
     block_mask_to_indices,
-    causal_block_bounds,
     cdiv,
     check_attention_inputs,
     dot_options,

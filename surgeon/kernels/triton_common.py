@@ -163,26 +163,6 @@ def block_mask_to_indices(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch
     return idx.to(torch.int32).contiguous(), cnt.contiguous()
 
 
-def causal_block_bounds(nq: int, nk: int, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(future [nqb,nkb], partial [nqb,nkb]) for causal attention with queries at the last Nq of Nk.
-
-    ``future``: every key of the key block is after every query of the query block (never
-    attended). ``partial``: the key block reaches the first query of the query block (token-level
-    mask needed; for Nq == Nk exactly the diagonal block).
-    """
-    nqb, nkb = cdiv(nq, block), cdiv(nk, block)
-    off = nk - nq
-    i = torch.arange(nqb, device=device)
-    j = torch.arange(nkb, device=device)
-    q_first = i * block + off
-    q_last = torch.clamp(i * block + block, max=nq) - 1 + off
-    k_first = j * block
-    k_last = torch.clamp(j * block + block, max=nk) - 1
-    future = k_first[None, :] > q_last[:, None]
-    partial = ~future & (k_last[None, :] >= q_first[:, None])
-    return future, partial
-
-
 def masked_softmax_ref(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim restricted to ``keep``; rows with nothing kept give 0."""
     z = z.masked_fill(~keep, float("-inf"))

@@ -51,6 +51,7 @@ import torch
 
 from surgeon.errors import BadInput
 from surgeon.kernels.blocksparse_cpu import (
+    causal_block_bounds,
     block_pair_counts,
     num_blocks,
     pooled_keys,
@@ -123,15 +124,7 @@ def _geometry(nq: int, nk: int, bs: int, causal: bool, device: torch.device) -> 
     if not causal:
         z = torch.zeros(nqb, nkb, dtype=torch.bool, device=device)
         return _Geometry(z, z)
-    off = nk - nq
-    i = torch.arange(nqb, device=device)
-    j = torch.arange(nkb, device=device)
-    q_first = i * bs + off
-    q_last = torch.clamp(i * bs + bs, max=nq) - 1 + off
-    k_first = j * bs
-    k_last = torch.clamp(j * bs + bs, max=nk) - 1
-    future = k_first[None, :] > q_last[:, None]
-    partial = ~future & (k_last[None, :] >= q_first[:, None])
+    future, partial = causal_block_bounds(nq, nk, bs, device)
     return _Geometry(future, partial)
 
 
