@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from surgeon.capture import Captured, Site
 from surgeon.capture import capture as _capture
@@ -70,17 +70,55 @@ def make_policy(lm: LoadedModel, cap: Captured, *, profile: Optional[Path | str]
 
 def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, budget: Optional[float] = None,
             recipe: Optional[Path | str | dict] = None, out: Optional[Path | str] = None, force: bool = False,
-            eval_seq_len: int = 1024, eval_samples: int = 2, progress: Any = None) -> dict[str, Any]:
-    """Plan (or read a recipe), rewrite, measure fidelity on held-out text, and write DIR.
+            eval_seq_len: int = 1024, eval_samples: int = 2, progress: Any = None,
+            tolerance: Optional[float] = None, lengths: Sequence[int] = (),
+            plan_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Plan, rewrite, measure fidelity on held-out text, and write DIR.
+
+    Modes: **tolerance** (the default with a profile and no budget): the fastest policy whose
+    validation loss stays within ``tolerance`` (default 0.01: +1 % perplexity for causal LMs,
+    1 − cosine for encoders) at the serving ``lengths`` (default: the profile's length and the
+    model's maximum), see :mod:`surgeon.profiles.tolerance`; the held-out gate is measured at
+    the same lengths and the report's ``ok`` is false when any exceeds the tolerance.
+    **budget** (expert): the profile plan at a compute budget; **recipe**: site globs → variants
+    (on top of the budget plan when both are given).
 
     DIR holds program.pt2, policy.json, rewrite.json and report.json. Returns the report.
     """
     from surgeon.artifacts import canonical_json, check_writable_output
+    from surgeon.errors import BadInput
     from surgeon.evaluate import evaluate_module
     from surgeon.passes.rewrite import rewrite as _rewrite
     from surgeon.passes.rewrite import save_rewritten
     from surgeon.profiles.data import load_calibration
 
+    # ---- every check that needs no model comes first
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0.0 < float(budget) <= 1.0):
+        raise BadInput(f"--budget {budget} is outside (0, 1]", "give the fraction of dense attention compute to keep, e.g. 0.15")
+    mode = "budget" if budget is not None else ("recipe" if recipe is not None else "tolerance")
+    settings = None
+    if tolerance is not None and mode != "tolerance":
+        raise BadInput(f"--tolerance cannot be combined with --{mode}",
+                       "give --tolerance alone (quality-first) or --budget (expert mode)")
+    if mode == "tolerance":
+        from surgeon.profiles.tolerance import ToleranceSettings, check_tolerance
+
+        if profile is None:
+            raise BadInput("no --profile and no --recipe", "run `surgeon profile MODEL` first, or give --recipe")
+        T = check_tolerance(0.01 if tolerance is None else tolerance)
+        try:
+            settings = ToleranceSettings(tolerance=T, lengths=tuple(int(n) for n in lengths), **(plan_options or {}))
+        except TypeError as e:
+            raise BadInput(f"unknown planner option ({e})", "see surgeon.profiles.tolerance.ToleranceSettings") from e
+    if profile is not None:
+        from surgeon.profiles.profile_doc import Profile
+
+        Profile.load(profile)  # readable and valid before the model loads (its model is checked below)
+    if recipe is not None and not isinstance(recipe, dict):
+        from surgeon.passes.policy import load_recipe
+
+        recipe = load_recipe(Path(recipe))
     out = Path(out or "rewritten")
     check_writable_output(out, force)
     step = progress or (lambda msg: None)
@@ -88,19 +126,51 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
     lm = _load(model) if isinstance(model, str) else model
     step("capturing")
     cap = _capture(lm)
-    policy = make_policy(lm, cap, profile=profile, budget=budget, recipe=recipe)
+    report: dict[str, Any] = {"model": lm.name, "mode": mode, "budget": budget, "sites": []}
+    if mode == "tolerance":
+        from surgeon.profiles.profile_doc import Profile
+        from surgeon.profiles.tolerance import plan_within_tolerance
+
+        prof = Profile.load(profile, model_fingerprint=lm.fingerprint())
+        outcome = plan_within_tolerance(lm, cap, prof, settings, progress=step)
+        policy = outcome.policy
+        report["tolerance"] = settings.tolerance
+        report["plan"] = {k: v for k, v in outcome.to_dict().items() if k != "checks"}
+        gate_lengths = outcome.lengths
+    else:
+        policy = make_policy(lm, cap, profile=profile, budget=budget, recipe=recipe)
+        gate_lengths = []
     step("rewriting")
     res = _rewrite(cap, policy)
-    report: dict[str, Any] = {"model": lm.name, "budget": budget, "counts": res.counts, "sites": []}
+    report["counts"] = res.counts
     if lm.kind in ("causal-lm", "encoder"):
-        seq = min(eval_seq_len, lm.max_positions or eval_seq_len)
-        step(f"measuring fidelity on held-out text ({eval_samples} × {seq} tokens)")
-        data = load_calibration(None, lm, eval_samples, seq, split="heldout")
-        ev = evaluate_module(res.program.module(), lm.kind, data.inputs, seq_len=seq, data=data.source + ":heldout",
-                             dense_module=cap.program.module(), measure_sites=True)
-        report["fidelity"] = ev.to_dict()
-        report["sites"] = ev.sites
-        report["fidelity"].pop("sites", None)
+        sparse = any(c.variant != "dense" for c in policy.sites.values())
+        if mode == "tolerance":
+            report["gate"] = []
+            for n in gate_lengths:
+                step(f"measuring fidelity on held-out text ({eval_samples} × {n} tokens)")
+                data = load_calibration(None, lm, eval_samples, n, split="heldout")
+                ev = evaluate_module(res.program.module(), lm.kind, data.inputs, seq_len=n,
+                                     data=data.source + ":heldout", dense_module=cap.program.module(),
+                                     measure_sites=n == gate_lengths[-1])
+                d = ev.to_dict()
+                loss = d["ppl_increase"] if "ppl_increase" in d else 1.0 - d["cosine"]
+                report["gate"].append({"seq_len": n, "loss": loss, **{k: v for k, v in d.items() if k != "sites"}})
+                if n == gate_lengths[-1]:
+                    report["fidelity"] = {k: v for k, v in d.items() if k != "sites"}
+                    report["sites"] = ev.sites
+            worst = max((g["loss"] for g in report["gate"]), default=0.0)
+            report["ok"] = bool(worst <= settings.tolerance) or not sparse
+            report["worst_loss"] = worst
+        else:
+            seq = min(eval_seq_len, lm.max_positions or eval_seq_len)
+            step(f"measuring fidelity on held-out text ({eval_samples} × {seq} tokens)")
+            data = load_calibration(None, lm, eval_samples, seq, split="heldout")
+            ev = evaluate_module(res.program.module(), lm.kind, data.inputs, seq_len=seq, data=data.source + ":heldout",
+                                 dense_module=cap.program.module(), measure_sites=True)
+            report["fidelity"] = ev.to_dict()
+            report["sites"] = ev.sites
+            report["fidelity"].pop("sites", None)
     for s in report["sites"]:
         s["params"] = policy.sites[s["site"]].params if s["site"] in policy.sites else {}
     step("writing")
@@ -148,21 +218,27 @@ def evaluate(model_or_dir: str, *, data: Optional[str] = None, seq_len: int = 10
 
 # --------------------------------------------------------------------------- profile
 
+def _report_budget_floor(cap: Captured, seq_len: int, block_size: int, options: dict) -> float:
+    """The cheapest plan's cost at this length (block_topk always keeps its forced blocks)."""
+    from surgeon.profiles.plan import block_topk_density
+    from surgeon.profiles.solvers import select_overhead
+
+    sb, lb = int(options.get("sink_blocks", 1)), int(options.get("local_blocks", 1))
+    floor = sum(float(block_topk_density(seq_len, block_size, 0.0, s.causal, sb, lb)) for s in cap.sites)
+    return (floor + select_overhead(block_size, "prefill")) / max(len(cap.sites), 1)  # one selecting anchor
+
+
 def _check_report_budget(cap: Captured, budget: float, seq_len: int, block_size: int, options: dict) -> None:
     """Refuse, before any calibration work, a report budget no plan can meet at this length."""
     import math
 
     from surgeon.errors import BadInput
-    from surgeon.profiles.plan import block_topk_density
-    from surgeon.profiles.solvers import select_overhead
 
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:
         raise BadInput(f"--budget {budget} is outside (0, 1]", "give the fraction of dense attention compute, e.g. 0.15")
     if seq_len < 1 or block_size < 1:
         return  # the profiler reports these itself
-    sb, lb = int(options.get("sink_blocks", 1)), int(options.get("local_blocks", 1))
-    floor = sum(float(block_topk_density(seq_len, block_size, 0.0, s.causal, sb, lb)) for s in cap.sites)
-    floor = (floor + select_overhead(block_size, "prefill")) / max(len(cap.sites), 1)  # one selecting anchor
+    floor = _report_budget_floor(cap, seq_len, block_size, options)
     if float(budget) < floor - 1e-9:
         raise BadInput(f"--budget {budget} is below the cheapest plan at {seq_len} tokens with {block_size}-token "
                        f"blocks (≈{floor:.3g} of dense attention: block_topk always keeps its sink, local and "
@@ -172,10 +248,10 @@ def _check_report_budget(cap: Captured, budget: float, seq_len: int, block_size:
 
 def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = None, samples: int = 8,
             seq_len: int = 2048, block_size: int = 64, seed: int = 0, out: Optional[Path | str] = "profile.json",
-            report: Optional[Path | str] = "report.html", budget: float = 0.15, force: bool = False,
+            report: Optional[Path | str] = "report.html", budget: Optional[float] = None, force: bool = False,
             progress: Any = None, **options: Any):
     """Calibrate MODEL: statistics per site/head, write profile.json and report.html (with the
-    policy at ``budget``). Outputs are checked before any work and written atomically.
+    policy at ``budget``; None: 0.15, raised to the cheapest feasible plan at this length). Outputs are checked before any work and written atomically.
 
     Under torchrun (WORLD_SIZE > 1) the samples are split across ranks and rank 0 alone writes;
     other ranks return ``(None, None)`` (see :mod:`surgeon.profiles.distributed`)."""
@@ -196,8 +272,18 @@ def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = N
                         check_writable_output(Path(p), force)
             lm = _load(model) if isinstance(model, str) else model
             cap = _capture(lm)
-            if lm.is_text:
+            if budget is not None and lm.is_text:
                 _check_report_budget(cap, budget, seq_len, block_size, options)
+            elif budget is None:
+                # the report's illustrative budget plan: 0.15, or the cheapest plan where 0.15 cannot be met
+                # (a budget the user did not give never fails the profile)
+                budget = 0.15
+                if lm.is_text and seq_len >= 1 and block_size >= 1:
+                    import math
+
+                    floor = _report_budget_floor(cap, seq_len, block_size, options)
+                    if floor > budget:
+                        budget = min(1.0, math.ceil(floor * 1000) / 1000)
         except BaseException as e:  # noqa: BLE001 — distributed: every rank learns of it below
             if world is None:
                 raise
@@ -227,13 +313,6 @@ def export(rewritten: Path | str, fmt: str = "onnx", out: Optional[Path | str] =
     from surgeon.exporters.pipeline import export_rewritten
 
     return export_rewritten(rewritten, fmt, out, opset=opset, verify=verify, force=force, **options)
-
-
-def build(recipe: Optional[Path | str] = None, out: Path | str = "build", **options: Any) -> dict[str, Any]:
-    """profile → rewrite → export with stage caching; returns the summary (OUT/summary.json)."""
-    from surgeon.build_stages import build as _build
-
-    return _build(Path(recipe) if recipe is not None else None, Path(out), **options)
 
 
 def bench(model_or_dir: Any = None, seq_lens: Any = (2048, 4096, 8192), device: str = "cpu", **options: Any) -> dict[str, Any]:

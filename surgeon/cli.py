@@ -155,7 +155,8 @@ def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
             out_path: Path = typer.Option(Path("profile.json"), "--out", help="profile artifact"),
             report: Path = typer.Option(Path("report.html"), "--report", help="self-contained HTML report"),
             seed: int = typer.Option(0, "--seed", help="random seed (same inputs and seed → identical profile)"),
-            budget: float = typer.Option(0.15, "--budget", help="budget of the policy shown in the report"),
+            budget: Optional[float] = typer.Option(None, "--budget", help="budget of the illustrative policy shown "
+                                                   "in the report (default 0.15, or the cheapest feasible plan)"),
             force: bool = typer.Option(False, "--force", help="overwrite existing outputs")) -> None:
     """Calibration profiling: HeSS, mass concentration, entropy, sinks, HyLRA overlap, layer sensitivity.
 
@@ -173,48 +174,89 @@ def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     for ch in pol.sites.values():
         counts[ch.variant] = counts.get(ch.variant, 0) + 1
     out.print(f"profile → {out_path}   report → {report}")
-    out.print(f"policy at budget {budget}: " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+    out.print(f"policy at budget {pol.budget if pol.budget is not None else budget}: "
+              + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+
+
+def _int_list(value: Optional[str], flag: str) -> list[int]:
+    from surgeon.errors import BadInput
+
+    if not value:
+        return []
+    try:
+        return [int(x) for x in value.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise BadInput(f"{flag} {value!r} is not a comma-separated list of integers",
+                       f"pass e.g. {flag} 2048,8192") from None
 
 
 @app.command()
 @guarded
 def rewrite(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
             profile: Optional[Path] = typer.Option(None, "--profile", help="profile.json from `surgeon profile`"),
+            tolerance: Optional[float] = typer.Option(None, "--tolerance",
+                                                      help="allowed relative quality loss on held-out text, in (0, 1): "
+                                                           "perplexity increase (LMs) or 1 − cosine (encoders); the "
+                                                           "default mode, 0.01 unless given"),
+            lengths: Optional[str] = typer.Option(None, "--lengths", help="serving lengths the tolerance must hold "
+                                                  "at, e.g. 2048,8192 (default: the profile's length and the "
+                                                  "model's maximum)"),
+            families: Optional[str] = typer.Option(None, "--families", help="planner families to search, comma-"
+                                                   "separated (default: surgeon,hylra,block_topk,token_topk,"
+                                                   "window_sink)"),
             budget: Optional[float] = typer.Option(None, "--budget",
-                                                   help="fraction of dense attention compute kept, in (0, 1]"),
+                                                   help="expert mode: fraction of dense attention compute kept, in "
+                                                        "(0, 1], no quality guarantee"),
             recipe: Optional[Path] = typer.Option(None, "--recipe",
                                                   help="YAML/JSON mapping site-name globs to {variant: NAME, params…}"),
             out_dir: Path = typer.Option(Path("rewritten"), "--out", help="output folder"),
             force: bool = typer.Option(False, "--force", help="overwrite --out"),
-            eval_seq_len: int = typer.Option(1024, "--eval-seq-len", help="held-out tokens per sample for fidelity"),
+            eval_seq_len: int = typer.Option(1024, "--eval-seq-len", help="budget/recipe modes: held-out tokens per "
+                                             "sample for fidelity (tolerance mode measures at --lengths)"),
             eval_samples: int = typer.Option(2, "--eval-samples", help="held-out samples for fidelity"),
             json_out: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
-    """Plan from a profile and budget (or read a recipe), rewrite MODEL, measure fidelity, write DIR."""
+    """Plan the fastest rewrite within --tolerance (default), or at --budget, or from --recipe;
+    rewrite MODEL, measure fidelity on held-out text, write DIR.
+
+    Exit 1 when the held-out loss exceeds the tolerance at any serving length (DIR is written,
+    its report.json says ok: false)."""
     from surgeon import api
 
+    lens = _int_list(lengths, "--lengths")
+    opts = {"families": tuple(f for f in families.replace(" ", "").split(",") if f)} if families else None
     steps = _Steps()
     try:
         rep = api.rewrite(model, profile=profile, budget=budget, recipe=recipe, out=out_dir, force=force,
-                          eval_seq_len=eval_seq_len, eval_samples=eval_samples, progress=steps)
+                          eval_seq_len=eval_seq_len, eval_samples=eval_samples, progress=steps,
+                          tolerance=tolerance, lengths=lens, plan_options=opts)
     finally:
         steps.stop()
     if json_out:
         print(json.dumps(rep, indent=2))
-        return
-    t = Table(title=f"{rep['model']} rewritten → {rep['out']}  ({', '.join(f'{k}×{v}' for k, v in rep['counts'].items())})")
-    for c in ("site", "variant", "requested", "achieved", "rel. error vs dense"):
-        t.add_column(c, no_wrap=c == "site")
-    for s in rep["sites"]:
-        t.add_row(s["site"], s["variant"], f"{s['requested_density']:.3f}", f"{s['achieved_density']:.3f}",
-                  f"{s['rel_error']:.2e}")
-    out.print(t)
-    f = rep.get("fidelity")
-    if f:
-        if "ppl" in f:
-            out.print(f"held-out perplexity {f['ppl']:.3f} vs dense {f['dense_ppl']:.3f} "
-                      f"({100 * f['ppl_increase']:+.2f}%) on {f['tokens']} tokens")
-        else:
-            out.print(f"held-out embedding cosine vs dense {f['cosine']:.5f} on {f['tokens']} tokens")
+    else:
+        t = Table(title=f"{rep['model']} rewritten → {rep['out']}  ({', '.join(f'{k}×{v}' for k, v in rep['counts'].items())})")
+        for c in ("site", "variant", "requested", "achieved", "rel. error vs dense"):
+            t.add_column(c, no_wrap=c == "site")
+        for s in rep["sites"]:
+            t.add_row(s["site"], s["variant"], f"{s['requested_density']:.3f}", f"{s['achieved_density']:.3f}",
+                      f"{s['rel_error']:.2e}")
+        out.print(t)
+        if rep.get("plan"):
+            out.print(f"plan: {rep['plan']['note']}")
+        for g in rep.get("gate", []):
+            what = (f"perplexity {g['ppl']:.3f} vs dense {g['dense_ppl']:.3f} ({100 * g['loss']:+.2f}%)" if "ppl" in g
+                    else f"1 − cosine {g['loss']:.2e}")
+            out.print(f"held-out at {g['seq_len']} tokens: {what} on {g['tokens']} tokens")
+        f = rep.get("fidelity")
+        if f and not rep.get("gate"):
+            if "ppl" in f:
+                out.print(f"held-out perplexity {f['ppl']:.3f} vs dense {f['dense_ppl']:.3f} "
+                          f"({100 * f['ppl_increase']:+.2f}%) on {f['tokens']} tokens")
+            else:
+                out.print(f"held-out embedding cosine vs dense {f['cosine']:.5f} on {f['tokens']} tokens")
+    if rep.get("ok") is False:
+        _fail(f"held-out loss {100 * rep['worst_loss']:.2f}% exceeds the tolerance {100 * rep['tolerance']:.2f}% "
+              f"(report: {rep['out']}/report.json); loosen --tolerance or profile more data", 1)
 
 
 @app.command(name="eval")
@@ -267,13 +309,15 @@ def export(rewritten_dir: Path = typer.Argument(..., metavar="DIR", help="a fold
 @app.command()
 @guarded
 def build(recipe: Optional[Path] = typer.Option(None, "--recipe", help="build.yaml (default: the embedded "
-                                                "smollm2-135m, built-in corpus, budget 0.15)"),
+                                                "smollm2-135m, built-in corpus, tolerance 0.01)"),
           out_dir: Path = typer.Option(Path("build"), "--out", help="build folder (stages cached by fingerprints)"),
           json_out: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
     """profile → rewrite → export in one command (CI model-build stage); writes OUT/summary.json.
 
-    Stages whose inputs are unchanged since the last run are skipped. Exit 1 if a fidelity limit
-    in the recipe (max_ppl_increase) or the export verification fails."""
+    Quality-first by default: the fastest rewrite whose held-out loss stays within the recipe's
+    tolerance (0.01) at its serving lengths. Stages whose inputs are unchanged since the last run
+    are skipped. Exit 1 (summary ok: false) when the held-out loss exceeds the tolerance (or
+    max_ppl_increase in budget mode) or the export verification fails."""
     from surgeon.build_stages import build as _build
 
     summary = _build(recipe, out_dir, say=lambda m: err.print(m, markup=False, highlight=False))
@@ -281,6 +325,11 @@ def build(recipe: Optional[Path] = typer.Option(None, "--recipe", help="build.ya
         print(json.dumps(summary, indent=2))
         return
     out.print(f"build ok in {summary['seconds']:.0f} s → {out_dir}/summary.json")
+    if summary.get("plan"):
+        out.print(f"  plan: {summary['plan']}")
+    for g in summary.get("gate") or []:
+        out.print(f"  held-out at {g['seq_len']} tokens: {100 * g['loss']:+.2f}% (tolerance "
+                  f"{100 * summary['tolerance']:.2f}%)")
     for st in summary["stages"]:
         out.print(f"  {st['name']:8s} {st['status']:7s} {st['seconds']:7.1f} s  {', '.join(st['outputs'])}")
 

@@ -28,6 +28,8 @@ class SiteChoice(BaseModel):
     block_mask_from: Optional[str] = None
     modulators: list[Modulator] = Field(default_factory=list)
     reason: str = ""
+    # shorter inputs (keys) run dense: measured crossover of this configuration (None: always sparse)
+    dense_below: Optional[int] = None
 
 
 class Policy(Artifact):
@@ -38,6 +40,21 @@ class Policy(Artifact):
     budget: Optional[float] = None
     source: str = ""
     sites: dict[str, SiteChoice]
+    # the tolerance planner's record (tolerance, lengths, checks, candidates); None for other plans
+    planner: Optional[dict[str, Any]] = None
+
+    def to_json(self) -> str:
+        """Canonical JSON; the optional fields added after schema 1 (``planner``, a site's
+        ``dense_below``) are left out when unset, so older policies keep their exact bytes."""
+        from surgeon.artifacts import canonical_json
+
+        d = self.model_dump(mode="json")
+        if d.get("planner") is None:
+            d.pop("planner", None)
+        for ch in d["sites"].values():
+            if ch.get("dense_below") is None:
+                ch.pop("dense_below", None)
+        return canonical_json(d)
 
 
 def identity_policy(fingerprint: str, site_names: list[str]) -> Policy:

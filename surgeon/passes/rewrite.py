@@ -58,6 +58,14 @@ def site_config(site: Site, choice: SiteChoice) -> str:
     static: dict[str, Any] = {"kv_heads": site.kv_heads, "site": site.name, "layer": site.layer}
     if mods:
         static["modulators"] = mods
+    if choice.dense_below is not None:
+        if var.family != "sparse":
+            raise BadInput(f"site {site.name}: dense_below applies to sparse variants, not '{choice.variant}'",
+                           "remove dense_below from this site")
+        if isinstance(choice.dense_below, bool) or int(choice.dense_below) < 1:
+            raise BadInput(f"site {site.name}: dense_below={choice.dense_below!r} is invalid",
+                           "give a positive number of tokens")
+        static["dense_below"] = int(choice.dense_below)
     return encode_config(choice.variant, params, static)
 
 
