@@ -174,7 +174,15 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
     for s in report["sites"]:
         s["params"] = policy.sites[s["site"]].params if s["site"] in policy.sites else {}
     step("writing")
-    save_rewritten(out, cap, res, force=force, extra={"report.json": canonical_json(report).encode()})
+    extra = {"report.json": canonical_json(report).encode()}
+    if mode == "tolerance":
+        from surgeon.profiles.tolerance import frontier_png, render_rewrite_report
+
+        extra["report.html"] = render_rewrite_report(report, policy.planner).encode()
+        png = frontier_png(policy.planner or {})
+        if png:
+            extra["frontier.png"] = png
+    save_rewritten(out, cap, res, force=force, extra=extra)
     report["out"] = str(out)
     return report
 

@@ -217,3 +217,20 @@ def test_build_bad_recipe_exit_2_before_any_work(tmp_path, body, needle):
     r = run("build", "--recipe", tmp_path / "b.yaml", "--out", tmp_path / "out")
     assert r.exit_code == 2 and needle in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_frontier_plot_and_report_from_a_planner_record():
+    from surgeon.profiles.tolerance import frontier_png, render_rewrite_report
+
+    rec = {"tolerance": 0.01, "margin": 0.5, "lengths": [64, 512], "frontier_length": 64, "chosen": "block_topk",
+           "note": "block_topk is the fastest",
+           "candidates": [{"family": "block_topk", "knob": 0.5, "validation": {"64": 0.001}, "speedup": 1.2,
+                           "attn_speedup": 1.5}],
+           "checks": [{"family": "block_topk", "knob": k, "losses": {"64": l, "512": l}, "passed": l <= 0.005,
+                       "attn_speedup": a} for k, l, a in ((0.9, 0.0, 0.8), (0.5, 0.004, 1.5), (0.3, 0.02, 2.1))]}
+    png = frontier_png(rec)
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert frontier_png({**rec, "checks": [{**c, "attn_speedup": None} for c in rec["checks"]]}) is None
+    html = render_rewrite_report({"model": "m", "gate": [{"seq_len": 64, "loss": 0.002}], "tolerance": 0.01,
+                                  "ok": True}, rec)
+    assert "data:image/png;base64," in html and "block_topk" in html and "+0.200%" in html

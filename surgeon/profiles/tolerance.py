@@ -75,7 +75,8 @@ class ToleranceSettings:
     margin: a point passes at validation loss ≤ margin·T; families: which families to search;
     speed_length: length of the timing run (None: the longest serving length); bench_repeats: timed
     rounds per candidate; dense_above: a ``surgeon``-family site whose padded keep exceeds this runs
-    dense."""
+    dense; frontier_timing: also time every checked point against dense at the profile's length
+    (one interleaved round; the x axis of the frontier plot)."""
 
     tolerance: float = 0.01
     lengths: tuple[int, ...] = ()
@@ -86,6 +87,7 @@ class ToleranceSettings:
     speed_length: Optional[int] = None
     bench_repeats: int = 2
     dense_above: float = 0.75
+    frontier_timing: bool = True
 
     def __post_init__(self) -> None:
         check_tolerance(self.tolerance)
@@ -112,6 +114,8 @@ class Check:
     sparse_sites: int
     seconds: float
     note: str = ""
+    attn_speedup: Optional[float] = None  # measured at the frontier length (sum of site ops vs dense)
+    speedup: Optional[float] = None       # whole prefill at the frontier length
 
 
 @dataclass
@@ -131,9 +135,12 @@ class PlanOutcome:
     seconds: float = 0.0
     note: str = ""
     crossover: dict[str, Any] = field(default_factory=dict)
+    margin: float = 0.5
+    frontier_length: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "tolerance": self.tolerance, "lengths": self.lengths,
+                "margin": self.margin, "frontier_length": self.frontier_length,
                 "speed_length": self.speed_length, "candidates": self.candidates,
                 "checks": [{**asdict(c), "losses": {str(k): v for k, v in c.losses.items()}} for c in self.checks],
                 "seconds": self.seconds, "note": self.note, "crossover": self.crossover}
@@ -258,6 +265,7 @@ class Validator:
     def __init__(self, lm: Any, cap: Any, profile: Any, lengths: Sequence[int], settings: ToleranceSettings,
                  progress: Callable[[str], None]) -> None:
         self.lm, self.cap, self.settings, self.say = lm, cap, settings, progress
+        self.frontier_length = int(profile.settings.get("seq_len") or min(lengths))
         self.lengths = list(lengths)
         self.data = {n: validation_data(lm, profile, n, max(settings.val_min_rows, settings.val_tokens // n))
                      for n in self.lengths}
@@ -293,16 +301,26 @@ class Validator:
         sparse = sum(1 for c in policy.sites.values() if c.variant != "dense")
         losses: dict[int, float] = {}
         passed = True
+        timing: dict[str, Any] = {}
         if sparse:
-            module = rewrite(self.cap, policy).program.module()
+            program = rewrite(self.cap, policy).program
+            module = program.module()
             for n in self.lengths:
                 losses[n] = self.loss(module, n)
                 if losses[n] > self.settings.margin * self.settings.tolerance:
                     passed = False
                     break
+            if self.settings.frontier_timing:
+                from surgeon.benchmark import bench_program
+
+                b = bench_program(program, self.lm, seq_lens=[self.frontier_length], repeats=1,
+                                  limits=(16, int(self.lm.max_positions or 1 << 30)))
+                if b["results"]:
+                    timing = {"attn_speedup": b["results"][0].get("attn_speedup"),
+                              "speedup": b["results"][0].get("speedup")}
         else:
             losses = {n: 0.0 for n in self.lengths}
-        c = Check(family, float(knob), losses, passed, sparse, time.perf_counter() - t0)
+        c = Check(family, float(knob), losses, passed, sparse, time.perf_counter() - t0, **timing)
         shown = ", ".join(f"{n}: {100 * v:+.2f}%" for n, v in losses.items())
         self.say(f"plan: {family} {knob:g} → {shown} {'ok' if passed else 'over'}")
         return c
@@ -357,7 +375,7 @@ def plan_within_tolerance(lm: Any, cap: Any, profile: Any, settings: ToleranceSe
     say(f"plan: validation rows at {', '.join(map(str, lengths))} tokens (calibration split, not profiled)")
     val = Validator(lm, cap, profile, lengths, settings, say)
     outcome = PlanOutcome(policy=None, chosen=None, tolerance=settings.tolerance, lengths=lengths,
-                          speed_length=speed_len)
+                          speed_length=speed_len, margin=settings.margin, frontier_length=val.frontier_length)
     best_by_family: dict[str, tuple[float, Any, Check]] = {}
     for fam in settings.families:
         build = (lambda x, fam=fam: family_policy(fam, x, profile, cap, lm, lengths[-1], settings))
@@ -459,3 +477,79 @@ def with_crossovers(policy: Any, cap: Any, lm: Any, top: int, repeats: int,
             sites[name] = SiteChoice(variant="dense", reason=f"{ch.reason}; not faster than dense up to {top} tokens")
     record["device"] = b.get("device")
     return policy.model_copy(update={"sites": sites}), record
+
+
+# --------------------------------------------------------------------------- the frontier, shown
+
+def frontier_png(record: dict[str, Any]) -> Optional[bytes]:
+    """Speed against quality (PNG bytes): x = measured attention speedup at the frontier length
+    (the profile's), y = validation loss at the longest serving length, one curve per family, the
+    tolerance and the planner's margin as lines, the chosen point marked. None without timed checks."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    checks = [c for c in record.get("checks", []) if c.get("attn_speedup") and c.get("losses")]
+    if not checks:
+        return None
+    top = str(max(int(n) for n in record["lengths"]))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for fam in FAMILIES:
+        pts = sorted((c["attn_speedup"], c["losses"].get(top, max(c["losses"].values())), c["passed"])
+                     for c in checks if c["family"] == fam)
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=fam)
+    chosen = record.get("chosen")
+    if chosen:
+        knob = next((c.get("knob") for c in record.get("candidates", []) if c["family"] == chosen), None)
+        best = [c for c in checks if c["family"] == chosen and c["knob"] == knob]
+        if best:
+            b = best[0]
+            ax.plot([b["attn_speedup"]], [100 * b["losses"].get(top, 0.0)], marker="*", markersize=16,
+                    color="black", linestyle="none", label=f"chosen ({chosen})")
+    t = 100 * float(record["tolerance"])
+    ax.axhline(t, color="red", linestyle="--", linewidth=1, label=f"tolerance {t:g}%")
+    ax.axhline(t * float(record.get("margin", 1.0)), color="red", linestyle=":", linewidth=1, label="planner margin")
+    ax.axvline(1.0, color="gray", linewidth=0.8)
+    ax.set_xlabel(f"attention speedup vs dense at {record.get('frontier_length')} tokens (measured)")
+    ax.set_ylabel(f"validation loss increase at {top} tokens (%)")
+    ax.set_yscale("symlog", linthresh=max(t / 4, 1e-3))
+    ax.set_title("speed against quality: each family's checked points")
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def render_rewrite_report(report: dict[str, Any], record: Optional[dict[str, Any]]) -> str:
+    """A self-contained HTML view of a tolerance rewrite: the frontier plot, the candidates and the gate."""
+    import base64
+    import html
+
+    parts = [f"<html><head><meta charset='utf-8'><title>surgeon rewrite: {html.escape(report['model'])}</title>"
+             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
+             "</style></head><body>", f"<h1>surgeon rewrite — {html.escape(report['model'])}</h1>"]
+    if record:
+        parts.append(f"<p>{html.escape(record.get('note', ''))}</p>")
+        png = frontier_png(record)
+        if png:
+            parts.append("<img src='data:image/png;base64," + base64.b64encode(png).decode("ascii") + "'>")
+        parts.append("<h2>candidates (each family's most aggressive point within margin·T)</h2><table><tr>"
+                     "<th>family</th><th>knob</th><th>validation</th><th>prefill speedup</th><th>attention speedup</th>"
+                     "</tr>")
+        for c in record.get("candidates", []):
+            val = ", ".join(f"{n}: {100 * v:+.2f}%" for n, v in (c.get("validation") or {}).items())
+            f = lambda x: "-" if x is None else f"{x:.2f}×"  # noqa: E731
+            parts.append(f"<tr><td>{html.escape(c['family'])}</td><td>{c.get('knob')}</td><td>{val}</td>"
+                         f"<td>{f(c.get('speedup'))}</td><td>{f(c.get('attn_speedup'))}</td></tr>")
+        parts.append("</table>")
+    if report.get("gate"):
+        parts.append("<h2>held-out gate</h2><table><tr><th>length</th><th>loss</th><th>tolerance</th></tr>")
+        for g in report["gate"]:
+            parts.append(f"<tr><td>{g['seq_len']}</td><td>{100 * g['loss']:+.3f}%</td>"
+                         f"<td>{100 * report['tolerance']:.2f}%</td></tr>")
+        parts.append(f"</table><p>ok: {report.get('ok')}</p>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
