@@ -72,7 +72,7 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
             recipe: Optional[Path | str | dict] = None, out: Optional[Path | str] = None, force: bool = False,
             eval_seq_len: int = 1024, eval_samples: int = 2, progress: Any = None,
             tolerance: Optional[float] = None, lengths: Sequence[int] = (),
-            plan_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+            plan_options: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
     """Plan, rewrite, measure fidelity on held-out text, and write DIR.
 
     Modes: **tolerance** (the default with a profile and no budget): the fastest policy whose
@@ -83,14 +83,12 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
     **budget** (expert): the profile plan at a compute budget; **recipe**: site globs → variants
     (on top of the budget plan when both are given).
 
-    DIR holds program.pt2, policy.json, rewrite.json and report.json. Returns the report.
+    DIR holds program.pt2, policy.json, rewrite.json and report.json (tolerance mode also
+    report.html and frontier.png). Returns the report. Under torchrun (tolerance mode) the
+    planner's searches are divided across ranks; rank 0 writes, the others return None.
     """
-    from surgeon.artifacts import canonical_json, check_writable_output
+    from surgeon.artifacts import check_writable_output
     from surgeon.errors import BadInput
-    from surgeon.evaluate import evaluate_module
-    from surgeon.passes.rewrite import rewrite as _rewrite
-    from surgeon.passes.rewrite import save_rewritten
-    from surgeon.profiles.data import load_calibration
 
     # ---- every check that needs no model comes first
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
@@ -120,7 +118,31 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
 
         recipe = load_recipe(Path(recipe))
     out = Path(out or "rewritten")
-    check_writable_output(out, force)
+    world = None
+    if mode == "tolerance":
+        from surgeon.profiles import distributed
+
+        world = distributed.init_from_env()  # torchrun: the planner's checks are divided across ranks
+    try:
+        if world is None or world.rank == 0:
+            check_writable_output(out, force)
+        return _rewrite_planned(model, mode, settings, profile, budget, recipe, out, force, eval_seq_len,
+                                eval_samples, progress, world)
+    finally:
+        if world is not None:
+            from surgeon.profiles import distributed
+
+            distributed.shutdown()
+
+
+def _rewrite_planned(model, mode, settings, profile, budget, recipe, out, force, eval_seq_len, eval_samples,
+                     progress, world) -> Optional[dict[str, Any]]:
+    from surgeon.artifacts import canonical_json
+    from surgeon.evaluate import evaluate_module
+    from surgeon.passes.rewrite import rewrite as _rewrite
+    from surgeon.passes.rewrite import save_rewritten
+    from surgeon.profiles.data import load_calibration
+
     step = progress or (lambda msg: None)
     step("loading model")
     lm = _load(model) if isinstance(model, str) else model
@@ -133,6 +155,8 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
 
         prof = Profile.load(profile, model_fingerprint=lm.fingerprint())
         outcome = plan_within_tolerance(lm, cap, prof, settings, progress=step)
+        if outcome is None:  # a distributed rank other than 0: rank 0 finishes and writes
+            return None
         policy = outcome.policy
         report["tolerance"] = settings.tolerance
         report["plan"] = {k: v for k, v in outcome.to_dict().items() if k != "checks"}

@@ -231,6 +231,8 @@ def rewrite(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
                           tolerance=tolerance, lengths=lens, plan_options=opts)
     finally:
         steps.stop()
+    if rep is None:  # a distributed rank other than 0: rank 0 wrote DIR
+        return
     if json_out:
         print(json.dumps(rep, indent=2))
     else:

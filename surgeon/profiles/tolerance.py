@@ -36,7 +36,12 @@ Algorithm (:func:`plan_within_tolerance`)
    prefill and the sum of the site ops), at ``speed_length`` (default: the longest serving
    length). The fastest point with a whole-prefill speedup above 1 wins; when none is faster
    than dense, the policy is all dense and the result says so.
-5. **Record.** The policy carries, per site, the chosen configuration, and in ``planner`` the
+5. **Distributed.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the families' closed-loop searches
+   are divided across ranks (families ``rank, rank + N, …``); rank 0 gathers them in family
+   order, times the candidates alone and writes, so the policy is the one a single process makes
+   (validation losses are deterministic; the choice among candidates rests on rank 0's timings,
+   as in one process). Frontier timings of checks made on concurrent ranks share the machine.
+6. **Record.** The policy carries, per site, the chosen configuration, and in ``planner`` the
    tolerance, lengths, every check (family, knob, validation loss per length: the frontier)
    and the timings.
 """
@@ -377,9 +382,30 @@ def plan_within_tolerance(lm: Any, cap: Any, profile: Any, settings: ToleranceSe
     outcome = PlanOutcome(policy=None, chosen=None, tolerance=settings.tolerance, lengths=lengths,
                           speed_length=speed_len, margin=settings.margin, frontier_length=val.frontier_length)
     best_by_family: dict[str, tuple[float, Any, Check]] = {}
-    for fam in settings.families:
+    from surgeon.profiles import distributed
+
+    world = distributed.current()
+    # under torchrun each rank searches its share of the families; rank 0 gathers them in family order
+    mine = world.split(list(settings.families)) if world is not None else list(settings.families)
+    found: list[tuple[str, Optional[int], list[Check]]] = []
+    err: Optional[BaseException] = None
+    try:
+        for fam in mine:
+            build = (lambda x, fam=fam: family_policy(fam, x, profile, cap, lm, lengths[-1], settings))
+            idx, checks = search_family(fam, val, build)
+            found.append((fam, idx, checks))
+    except BaseException as e:  # noqa: BLE001 — distributed: every rank learns of it
+        if world is None:
+            raise
+        err = e
+    if world is not None:
+        gathered = world.gather_units(found, err)
+        if gathered is None:  # a rank other than 0: rank 0 times, chooses and writes
+            return None  # type: ignore[return-value]
+        order = {f: i for i, f in enumerate(settings.families)}
+        found = sorted(gathered, key=lambda t: order[t[0]])
+    for fam, idx, checks in found:
         build = (lambda x, fam=fam: family_policy(fam, x, profile, cap, lm, lengths[-1], settings))
-        idx, checks = search_family(fam, val, build)
         outcome.checks.extend(checks)
         if idx is None:
             outcome.candidates.append({"family": fam, "knob": None, "note": "no setting stays within the tolerance"})
