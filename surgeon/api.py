@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from surgeon import outputs as _outputs
 from surgeon.capture import Captured, Site
 from surgeon.capture import capture as _capture
 from surgeon.models import DEFAULT_MODEL, LoadedModel
@@ -68,6 +69,7 @@ def make_policy(lm: LoadedModel, cap: Captured, *, profile: Optional[Path | str]
     return base if base is not None else identity_policy(lm.fingerprint(), names)
 
 
+@_outputs.holds("rewrite", default="rewritten", inputs=("model", "profile", "recipe"))
 def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, budget: Optional[float] = None,
             recipe: Optional[Path | str | dict] = None, out: Optional[Path | str] = None, force: bool = False,
             eval_seq_len: int = 1024, eval_samples: int = 2, progress: Any = None) -> dict[str, Any]:
@@ -75,14 +77,13 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
 
     DIR holds program.pt2, policy.json, rewrite.json and report.json. Returns the report.
     """
-    from surgeon.artifacts import canonical_json, check_writable_output
+    from surgeon.artifacts import canonical_json
     from surgeon.evaluate import evaluate_module
     from surgeon.passes.rewrite import rewrite as _rewrite
     from surgeon.passes.rewrite import save_rewritten
     from surgeon.profiles.data import load_calibration
 
-    out = Path(out or "rewritten")
-    check_writable_output(out, force)
+    out = Path(out or "rewritten")  # checked and locked by @holds
     step = progress or (lambda msg: None)
     step("loading model")
     lm = _load(model) if isinstance(model, str) else model
@@ -170,30 +171,69 @@ def _check_report_budget(cap: Captured, budget: float, seq_len: int, block_size:
                        "profile longer sequences (--seq-len) or smaller blocks (--block-size)")
 
 
+def _profile_outputs(out: Optional[Path | str], report: Any, force: bool, inputs: tuple) -> tuple[Any, Any]:
+    """The profile's two outputs (checked, not yet entered); ``report=...``: report.html beside ``out``."""
+    from surgeon.errors import BadInput
+
+    if report is ...:
+        report = (Path(out).parent / "report.html") if out is not None else None
+    o = _outputs.Output(out, "profile", force=force, inputs=inputs) if out is not None else None
+    r = _outputs.Output(report, "report", force=force, inputs=inputs, option="--report") if report is not None else None
+    for x in (o, r):
+        if x is not None:
+            x.check()
+    if o is not None and r is not None and o.path == r.path:
+        raise BadInput(f"--out and --report are the same file ({o.path})", "give the report another name")
+    return o, r
+
+
+def _check_profile_args(data: Optional[str], samples: Any, seq_len: Any, block_size: Any) -> None:
+    """What can be refused without the model: counts and the data path."""
+    from surgeon.errors import BadInput
+
+    for name, v in (("--samples", samples), ("--seq-len", seq_len), ("--block-size", block_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BadInput(f"{name} {v} must be a positive integer", f"give e.g. {name} 8")
+    if data is not None and not Path(data).exists():
+        raise BadInput(f"no such file or folder: {data}", "give --data a text file, folder of .txt, JSONL or images")
+
+
 def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = None, samples: int = 8,
             seq_len: int = 2048, block_size: int = 64, seed: int = 0, out: Optional[Path | str] = "profile.json",
-            report: Optional[Path | str] = "report.html", budget: float = 0.15, force: bool = False,
+            report: Optional[Path | str] = ..., budget: float = 0.15, force: bool = False,
             progress: Any = None, **options: Any):
     """Calibrate MODEL: statistics per site/head, write profile.json and report.html (with the
-    policy at ``budget``). Outputs are checked before any work and written atomically.
+    policy at ``budget``; the report defaults to ``report.html`` beside ``out``, ``None`` writes
+    none). Outputs are checked and locked before any work and both are switched in only once
+    both are complete (see :mod:`surgeon.outputs`).
 
     Under torchrun (WORLD_SIZE > 1) the samples are split across ranks and rank 0 alone writes;
     other ranks return ``(None, None)`` (see :mod:`surgeon.profiles.distributed`)."""
-    from surgeon.artifacts import check_writable_output
+    import contextlib
+
     from surgeon.profiles.collect import profile as _profile
     from surgeon.profiles.plan import plan as _plan
-    from surgeon.profiles.report import write_report
+    from surgeon.profiles.report import render_report
 
     from surgeon.profiles import distributed
 
+    distributed.check_env()
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:
+        from surgeon.errors import BadInput
+
+        raise BadInput(f"--budget {budget} is outside (0, 1]", "give the fraction of dense attention compute, e.g. 0.15")
+    _check_profile_args(data, samples, seq_len, block_size)
     world = distributed.init_from_env()  # torchrun: join the process group (None: one process)
+    stack = contextlib.ExitStack()
     try:
         err: Optional[BaseException] = None
+        o_prof = o_rep = None
         try:
             if world is None or world.rank == 0:  # rank 0 alone writes
-                for p in (out, report):
-                    if p is not None:
-                        check_writable_output(Path(p), force)
+                o_prof, o_rep = _profile_outputs(out, report, force, (data, model if isinstance(model, str) else None))
+                for x in (o_prof, o_rep):
+                    if x is not None:
+                        stack.enter_context(x)
             lm = _load(model) if isinstance(model, str) else model
             cap = _capture(lm)
             if lm.is_text:
@@ -209,12 +249,16 @@ def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = N
         if prof is None:  # a distributed rank other than 0
             return None, None
         pol = _plan(prof, budget)
-        if out is not None:
-            prof.save(Path(out), force=force)
-        if report is not None:
-            write_report(prof, pol, Path(report), force=force)
+        if o_prof is not None:  # both complete before either is switched in
+            o_prof.write(prof.to_json().encode())
+        if o_rep is not None:
+            o_rep.write(render_report(prof, pol).encode())
+        for x in (o_prof, o_rep):
+            if x is not None:
+                x.commit()
         return prof, pol
     finally:
+        stack.close()
         distributed.shutdown()
 
 
@@ -260,24 +304,28 @@ def tune(model: LoadedModel | Captured | str, variant: str, *, data: Optional[st
     (default: calibration cross-entropy). Everything that can be checked without the model is
     checked first; nothing is written on error. ``out=None`` writes nothing. Returns the sidecar
     document with ``out``/``sidecar`` paths added."""
-    from surgeon.artifacts import check_writable_output
+    import contextlib
+
     from surgeon.profiles import tune as _tune
 
     text_like = not (isinstance(model, str) and (model == "vit-tiny" or model.startswith("timm:")))
     opts = _tune.check_options(variant, scope=scope, objective=objective, spans=spans, layers=layers, heads=heads,
                                strength=strength, grid=grid, windows=windows, refine=refine, sweeps=sweeps,
                                rounds=rounds, k=k, seq_len=seq_len if text_like else None, **options)
-    if out is not None:
-        check_writable_output(Path(out), force)
-        check_writable_output(_tune.sidecar_path(Path(out)), force)
-    if isinstance(model, Captured):
-        lm, cap = model.model, model
-    else:
-        lm = _load(model) if isinstance(model, str) else model
-        cap = _capture(lm)
-    res = _tune.tune(lm, cap, opts, data=data, samples=samples, seq_len=seq_len, seed=seed, progress=progress)
-    doc = res.document()
-    if out is not None:
-        o, side = _tune.write_outputs(res, Path(out), force=force)
-        doc["out"], doc["sidecar"] = str(o), str(side)
+    with contextlib.ExitStack() as stack:
+        if out is not None:  # both outputs checked and locked before any work
+            ins = [x for x in (data, model if isinstance(model, str) else None) if x]
+            for x in (_outputs.Output(out, "tune-recipe", force=force, inputs=ins),
+                      _outputs.Output(_tune.sidecar_path(Path(out)), "tune", force=force, inputs=ins)):
+                stack.enter_context(x)
+        if isinstance(model, Captured):
+            lm, cap = model.model, model
+        else:
+            lm = _load(model) if isinstance(model, str) else model
+            cap = _capture(lm)
+        res = _tune.tune(lm, cap, opts, data=data, samples=samples, seq_len=seq_len, seed=seed, progress=progress)
+        doc = res.document()
+        if out is not None:
+            o, side = _tune.write_outputs(res, Path(out), force=force)
+            doc["out"], doc["sidecar"] = str(o), str(side)
     return doc

@@ -13,13 +13,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from surgeon import __version__
 from surgeon.artifacts import atomic_write_text, canonical_json
 from surgeon.errors import BadInput, CheckFailed
+from surgeon.outputs import builds
 
 
 class BuildRecipe(BaseModel):
@@ -36,7 +37,7 @@ class BuildRecipe(BaseModel):
     recipe: Optional[dict[str, Any]] = None  # site-glob recipe applied on top of the plan
     eval_seq_len: int = 2048
     eval_samples: int = 2
-    export_format: str = "onnx"
+    export_format: Literal["onnx", "tensorrt"] = "onnx"
     opset: int = 18
     verify: bool = True
     max_ppl_increase: Optional[float] = Field(default=None, description="fail (exit 1) above this held-out increase")
@@ -81,6 +82,7 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+@builds("out")
 def build(recipe: Optional[Path] = None, out: Path = Path("build"), *, say: Callable[[str], None] = lambda m: None,
           progress: Any = None) -> dict[str, Any]:
     """Run the stages; returns the summary (also written to OUT/summary.json)."""
@@ -101,7 +103,7 @@ def build(recipe: Optional[Path] = None, out: Path = Path("build"), *, say: Call
     def record(res: StageResult) -> None:
         stages.append(res)
         state[res.name] = {"key": res.key, "outputs": res.outputs, "metrics": res.metrics}
-        atomic_write_text(state_path, canonical_json(state), force=True)
+        atomic_write_text(state_path, canonical_json(state), force=True, own=True)
         say(f"{res.name}: {'skipped (cached, inputs unchanged)' if res.status == 'cached' else 'done'} "
             f"in {res.seconds:.1f} s → {', '.join(res.outputs)}")
 
@@ -167,7 +169,7 @@ def build(recipe: Optional[Path] = None, out: Path = Path("build"), *, say: Call
                    f"(limit {100 * rc.max_ppl_increase:.2f}%)")
         summary["ok"] = False
         summary["failure"] = failure
-    atomic_write_text(out / "summary.json", canonical_json(summary), force=True)
+    atomic_write_text(out / "summary.json", canonical_json(summary), force=True, own=True)
     if failure:
         raise CheckFailed(failure, "raise the budget or loosen max_ppl_increase in the build recipe")
     return summary
