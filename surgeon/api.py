@@ -69,6 +69,26 @@ def make_policy(lm: LoadedModel, cap: Captured, *, profile: Optional[Path | str]
     return base if base is not None else identity_policy(lm.fingerprint(), names)
 
 
+def check_rewrite_inputs(profile: Optional[Path | str] = None, budget: Optional[float] = None,
+                         recipe: Optional[Path | str | dict] = None) -> None:
+    """What `surgeon rewrite` can refuse before loading the model: the budget's range, the
+    profile (a readable profile artifact) and the recipe (structure, variants, parameter types)."""
+    from surgeon.errors import BadInput
+    from surgeon.passes.policy import check_recipe, load_recipe
+
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not (0.0 < float(budget) <= 1.0)):
+        raise BadInput(f"--budget {budget} is outside (0, 1]", "give the fraction of dense attention compute to keep, e.g. 0.15")
+    if profile is None and recipe is None:
+        raise BadInput("no --profile and no --recipe", "run `surgeon profile MODEL` first, or give --recipe")
+    if profile is not None:
+        from surgeon.profiles.profile_doc import Profile
+
+        Profile.load(profile)
+    if recipe is not None:
+        check_recipe(recipe if isinstance(recipe, dict) else load_recipe(Path(recipe)))
+
+
 @_outputs.holds("rewrite", default="rewritten", inputs=("model", "profile", "recipe"))
 def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, budget: Optional[float] = None,
             recipe: Optional[Path | str | dict] = None, out: Optional[Path | str] = None, force: bool = False,
@@ -84,6 +104,7 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
     from surgeon.profiles.data import load_calibration
 
     out = Path(out or "rewritten")  # checked and locked by @holds
+    check_rewrite_inputs(profile, budget, recipe)  # before the model loads
     step = progress or (lambda msg: None)
     step("loading model")
     lm = _load(model) if isinstance(model, str) else model
@@ -179,11 +200,11 @@ def _profile_outputs(out: Optional[Path | str], report: Any, force: bool, inputs
         report = (Path(out).parent / "report.html") if out is not None else None
     o = _outputs.Output(out, "profile", force=force, inputs=inputs) if out is not None else None
     r = _outputs.Output(report, "report", force=force, inputs=inputs, option="--report") if report is not None else None
+    if o is not None and r is not None and o.path == r.path:
+        raise BadInput(f"--out and --report are the same file ({o.path})", "give the report another name")
     for x in (o, r):
         if x is not None:
             x.check()
-    if o is not None and r is not None and o.path == r.path:
-        raise BadInput(f"--out and --report are the same file ({o.path})", "give the report another name")
     return o, r
 
 

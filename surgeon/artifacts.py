@@ -66,7 +66,8 @@ class Artifact(BaseModel):
         except ValidationError as e:
             first = e.errors()[0]
             loc = ".".join(str(x) for x in first.get("loc", ()))
-            raise ArtifactMismatch(f"{where} is not a valid {cls.KIND}: field '{loc}': {first.get('msg')}",
+            field = f"field '{loc}': " if loc else ""
+            raise ArtifactMismatch(f"{where} is not a valid {cls.KIND}: {field}{first.get('msg')}",
                                    f"regenerate the {cls.KIND} with surgeon") from e
 
 
