@@ -137,22 +137,33 @@ def load_rewritten(path: Path | str):
     return _lr(path)
 
 
-def evaluate(model_or_dir: str, *, data: Optional[str] = None, seq_len: int = 1024, samples: int = 4) -> dict[str, Any]:
-    """Perplexity (language models) or embedding cosine against dense (encoders) on held-out text.
+def evaluate(model_or_dir: str, *, data: Optional[str] = None, seq_len: Optional[int] = None,
+             samples: int = 4) -> dict[str, Any]:
+    """Perplexity (language models) or embedding cosine against dense (encoders).
 
-    MODEL_OR_DIR: a model (dense) or a folder written by `surgeon rewrite`.
+    MODEL_OR_DIR: a model (dense) or a folder written by `surgeon rewrite`. Without ``data``:
+    ``samples`` rows of the built-in corpus's held-out split; with ``data`` (a file or folder of
+    text): every token of it (``samples`` does not apply). ``seq_len``: tokens per row (default
+    1024, or the model's maximum positions if fewer); beyond the model's positions is BadInput.
     """
+    from surgeon.errors import ArtifactMismatch, BadInput
     from surgeon.evaluate import evaluate_module
     from surgeon.passes.rewrite import load_rewritten as _lr
-    from surgeon.profiles.data import load_calibration
+    from surgeon.profiles.data import load_calibration, load_eval_rows
 
+    if data is not None and not Path(data).exists():
+        raise BadInput(f"no such file or folder: {data}", "give --data a text file, folder of .txt or JSONL")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise BadInput(f"--seq-len {seq_len} must be a positive integer", "give e.g. --seq-len 1024")
     p = Path(model_or_dir)
     if p.is_dir() and (p / "rewrite.json").exists():
         rw = _lr(p)
-        lm = _load(rw.manifest.model)
+        try:
+            lm = _load(rw.manifest.model)
+        except BadInput as e:
+            raise BadInput(f"the model {p} was rewritten from ({rw.manifest.model}) cannot be loaded: {e.problem}",
+                           "restore that model at the same path, or re-run `surgeon rewrite`") from e
         if lm.fingerprint() != rw.manifest.model_fingerprint:
-            from surgeon.errors import ArtifactMismatch
-
             raise ArtifactMismatch(f"{p} was made from a different {rw.manifest.model} than the one installed",
                                    "re-run `surgeon rewrite` for the installed model")
         module = rw.module()
@@ -160,11 +171,14 @@ def evaluate(model_or_dir: str, *, data: Optional[str] = None, seq_len: int = 10
     else:
         lm = _load(model_or_dir)
         module, dense = lm.module, lm.module
-    seq = seq_len
-    if lm.kind == "causal-lm" or lm.kind == "encoder":
-        seq = min(seq_len, lm.max_positions or seq_len)
-    cal = load_calibration(data, lm, samples, seq, split="heldout")
-    ev = evaluate_module(module, lm.kind, cal.inputs, seq_len=seq, data=cal.source + ":heldout", dense_module=dense)
+    seq = seq_len if seq_len is not None else min(1024, lm.max_positions or 1024)
+    if data is not None and lm.is_text:
+        cal = load_eval_rows(data, lm, seq)
+        where = cal.source
+    else:
+        cal = load_calibration(data, lm, samples, seq, split="heldout")
+        where = cal.source + ":heldout"
+    ev = evaluate_module(module, lm.kind, cal.inputs, seq_len=seq, data=where, dense_module=dense)
     return ev.to_dict()
 
 

@@ -240,9 +240,12 @@ def rewrite(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
 @app.command(name="eval")
 @guarded
 def eval_cmd(model_or_dir: str = typer.Argument("smollm2-135m", help="a model, or a folder from `surgeon rewrite`"),
-             data: Optional[str] = typer.Option(None, "--data", help="text file, folder, or JSONL (default: built-in corpus, held-out split)"),
-             seq_len: int = typer.Option(1024, "--seq-len", help="tokens per sample"),
-             samples: int = typer.Option(4, "--samples", help="number of samples"),
+             data: Optional[str] = typer.Option(None, "--data", help="text file, folder, or JSONL, evaluated whole "
+                                                "(default: the built-in corpus, held-out split)"),
+             seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per row (default 1024, or the "
+                                                   "model's maximum positions if fewer)"),
+             samples: int = typer.Option(4, "--samples", help="rows of the built-in corpus (with --data the whole "
+                                         "file is used)"),
              json_out: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Perplexity (language models) or embedding cosine against dense (encoders) on held-out text."""
     from surgeon import api
