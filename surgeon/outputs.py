@@ -22,8 +22,9 @@ The promises (README, "Errors and output promises"):
 * **Umask.** Files are created with mode 0666 and folders 0777 minus the umask.
 
 Test hooks (read only in the switch step): ``SURGEON_TEST_PAUSE_BEFORE_SWITCH=FILE`` /
-``SURGEON_TEST_PAUSE_AFTER_SWITCH=FILE`` make the writer create FILE (its pid inside) and sleep
-60 s just before / just after the switch, so a test can SIGKILL it at a known point.
+``SURGEON_TEST_PAUSE_AFTER_SWITCH=FILE`` make the writer create FILE (its pid inside) just before
+/ just after the switch and wait until FILE is removed (at most 120 s), so a test can SIGKILL it
+at a known point, or start a second writer while the first holds the lock.
 """
 from __future__ import annotations
 
@@ -333,10 +334,13 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
 def _pause(var: str) -> None:
+    """Test hook: create FILE (pid inside) and wait while it exists (at most 120 s)."""
     f = os.environ.get(var)
     if f:
         Path(f).write_text(f"{os.getpid()}\n")
-        time.sleep(60)
+        t_end = time.monotonic() + 120
+        while os.path.exists(f) and time.monotonic() < t_end:
+            time.sleep(0.05)
 
 
 class Output:
