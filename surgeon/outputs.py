@@ -467,12 +467,12 @@ class Output:
             if self._tmp is not None:
                 _remove(self._tmp)
                 self._tmp = None
-            if not self.committed:
-                self._undo_dirs()
         finally:
             if self._lock is not None:
                 _release(self._lock)
                 self._lock = None
+            if not self.committed:
+                self._undo_dirs()
 
 
 def write_file(path: PathLike, data: bytes, kind: Optional[str] = None, *, force: bool = False,
@@ -555,18 +555,20 @@ class BuildFolder:
     def __exit__(self, et, ev, tb) -> None:
         from surgeon.errors import CheckFailed
 
+        failed = et is not None and not isinstance(ev, CheckFailed)
         try:
-            if et is not None and not isinstance(ev, CheckFailed) and self.created:
+            if failed and self.created:
                 shutil.rmtree(self.path, ignore_errors=True)
-                for d in reversed(self._made):
-                    try:
-                        os.rmdir(d)
-                    except OSError:
-                        break
         finally:
             if self._lock is not None:
                 _release(self._lock)
                 self._lock = None
+        if failed:
+            for d in reversed(self._made):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
 
 
 def builds(param: str = "out", default: str = "build"):
