@@ -39,6 +39,11 @@ class Artifact(BaseModel):
     def load(cls: type[T], path: Path | str, *, model_fingerprint: Optional[str] = None) -> T:
         """Read and validate; with ``model_fingerprint`` also check the artifact's model."""
         path = Path(path)
+        if path.is_dir():
+            held = next((f"; it is a surgeon {k} folder" for f, k in (("rewrite.json", "rewrite"),
+                         ("manifest.json", "export"), ("summary.json", "build")) if (path / f).is_file()), "")
+            raise BadInput(f"{path} is a folder, not a {cls.KIND} file{held}",
+                           f"give the path of a {cls.KIND} JSON file (e.g. one written by surgeon)")
         if not path.is_file():
             raise BadInput(f"no such file: {path}", f"give the path of a {cls.KIND} artifact")
         try:

@@ -415,8 +415,17 @@ def tune(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     out.print(f"recipe → {doc['out']}   search → {doc['sidecar']}")
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (a CI timeout, torchrun stopping a job) unwinds like Ctrl-C: temporaries are removed,
+    locks released, the previous output left as it was; exit 2 "interrupted"."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

@@ -185,3 +185,17 @@ def test_interrupted_fallback_switch_is_undone_by_the_next_run(tmp_path):
     outputs.clean_stale(tmp_path / "rw")
     assert json.loads((tmp_path / "rw" / "rewrite.json").read_text())["tag"] == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rw"]
+
+
+def test_sigterm_during_replace_cleans_up_and_keeps_old(tmp_path, recipes):
+    a, b = recipes
+    rw = tmp_path / "rw"
+    assert _run(_args(a, rw), tmp_path).returncode == 0
+    old = _snapshot(rw)
+    flag = tmp_path / "paused"
+    proc = _start(_args(b, rw, "--force"), tmp_path, **{outputs.PAUSE_BEFORE: str(flag)})
+    _wait_for(flag, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "interrupted" in err, err
+    assert _snapshot(rw) == old and _leftovers(tmp_path, "rw") == []  # nothing left behind at all

@@ -27,7 +27,8 @@ What :func:`export_rewritten` does, in order (nothing is written until every ste
 
 OUT defaults to a sibling of DIR, ``<DIR>-onnx`` or ``<DIR>-tensorrt`` (DIR stays exactly the
 folder ``surgeon rewrite`` wrote, whose own manifest hashes its files). An existing OUT needs
-``force`` and must be a previous export (its ``manifest.json``); nothing else is replaced. A failed comparison raises :class:`VerificationFailed` (a :class:`CheckFailed`, exit
+``force`` and must be a previous export (its ``manifest.json``); nothing else is replaced.
+A failed comparison raises :class:`VerificationFailed` (a :class:`CheckFailed`, exit
 1) carrying the error table, and writes nothing — re-run with ``verify=False`` to keep an
 unverified export for debugging.
 """
