@@ -231,6 +231,11 @@ def _check_profile_args(data: Optional[str], samples: Any, seq_len: Any, block_s
             raise BadInput(f"{name} {v} must be a positive integer", f"give e.g. {name} 8")
     if data is not None and not Path(data).exists():
         raise BadInput(f"no such file or folder: {data}", "give --data a text file, folder of .txt, JSONL or images")
+    if data is not None and Path(data).is_file():  # readable, UTF-8, not empty: before the model loads
+        from surgeon.profiles.data import text_documents
+
+        if not text_documents(data):
+            raise BadInput(f"the calibration data ({data}) holds no text", "give a non-empty text source")
 
 
 def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = None, samples: int = 8,
@@ -270,6 +275,11 @@ def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = N
                     if x is not None:
                         stack.enter_context(x)
             lm = _load(model) if isinstance(model, str) else model
+            if lm.is_text and lm.max_positions and seq_len > lm.max_positions:  # before the capture
+                from surgeon.errors import BadInput
+
+                raise BadInput(f"seq_len={seq_len} is beyond {lm.name}'s {lm.max_positions} positions",
+                               f"use --seq-len {lm.max_positions} or less")
             cap = _capture(lm)
             if lm.is_text:
                 _check_report_budget(cap, budget, seq_len, block_size, options)

@@ -29,14 +29,14 @@ class BuildRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = "smollm2-135m"
     data: Optional[str] = None
-    samples: int = 4
-    seq_len: int = 2048
-    block_size: int = 64
+    samples: int = Field(default=4, ge=1)
+    seq_len: int = Field(default=2048, ge=1)
+    block_size: int = Field(default=64, ge=1)
     seed: int = 0
-    budget: float = 0.15
+    budget: float = Field(default=0.15, gt=0.0, le=1.0)
     recipe: Optional[dict[str, Any]] = None  # site-glob recipe applied on top of the plan
-    eval_seq_len: int = 2048
-    eval_samples: int = 2
+    eval_seq_len: int = Field(default=2048, ge=1)
+    eval_samples: int = Field(default=2, ge=1)
     export_format: Literal["onnx", "tensorrt"] = "onnx"
     opset: int = 18
     verify: bool = True

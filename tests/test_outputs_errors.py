@@ -123,3 +123,24 @@ def test_build_checks_the_recipe_before_any_stage(tmp_path):
     (tmp_path / "b.yaml").write_text(f"model: {NO_MODEL}\nexport_format: tflite\n")
     only_error_line(run("build", "--recipe", tmp_path / "b.yaml", "--out", tmp_path / "out"), "export_format")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.yaml"]
+
+
+@pytest.mark.parametrize("body,needles", [
+    ("budget: 1.5\n", ["field 'budget'"]),
+    ("samples: 0\n", ["field 'samples'"]),
+    ("seq_len: lots\n", ["field 'seq_len'"]),
+])
+def test_build_recipe_values_name_the_recipe_field(tmp_path, body, needles):
+    (tmp_path / "b.yaml").write_text(f"model: {NO_MODEL}\n{body}")
+    only_error_line(run("build", "--recipe", tmp_path / "b.yaml", "--out", tmp_path / "out"), *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.yaml"]
+
+
+def test_profile_data_checked_before_the_model_loads(tmp_path):
+    (tmp_path / "e.txt").write_text("  \n\n ")
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe\x00\x81" * 64)
+    only_error_line(run("profile", NO_MODEL, "--data", tmp_path / "e.txt", "--out", tmp_path / "p.json"),
+                    "holds no text")
+    only_error_line(run("profile", NO_MODEL, "--data", tmp_path / "b.txt", "--out", tmp_path / "p.json"),
+                    "not UTF-8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.txt", "e.txt"]
