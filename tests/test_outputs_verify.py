@@ -64,3 +64,23 @@ def test_tampered_rewrite_folder_is_exit_2_naming_the_file(pair, tmp_path, how):
 def test_untouched_folder_loads(pair):
     rw = load_rewritten(pair[0])
     assert set(rw.manifest.files) >= {"program.pt2", "policy.json", "report.json"}
+
+
+def test_tensorrt_bundle_files_are_verified(tmp_path):
+    import hashlib
+    import json
+
+    from surgeon.exporters.trt_plugins import build_engine as B
+
+    (tmp_path / "model.onnx").write_bytes(b"onnx bytes")
+    (tmp_path / "model.engine").write_bytes(b"old engine")
+    files = {n: hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("model.onnx", "model.engine")}
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "export-manifest", "tensorrt": {"precision": "fp16"},
+                                                        "files": files}))
+    assert B.load_manifest(tmp_path)["files"] == files
+    (tmp_path / "model.engine").write_bytes(b"rebuilt engine")  # the script rebuilds engines: not checked
+    B.load_manifest(tmp_path)
+    (tmp_path / "model.onnx").write_bytes(b"onnx byte")
+    with pytest.raises(B.BundleError, match="model.onnx does not match the sha256"):
+        B.load_manifest(tmp_path)
+    assert B.main(["--bundle", str(tmp_path)]) == B.EXIT_USAGE
