@@ -7,9 +7,11 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from surgeon import outputs as _outputs
 from surgeon.capture import Captured, Site
 from surgeon.capture import capture as _capture
 from surgeon.models import DEFAULT_MODEL, LoadedModel
@@ -68,6 +70,26 @@ def make_policy(lm: LoadedModel, cap: Captured, *, profile: Optional[Path | str]
     return base if base is not None else identity_policy(lm.fingerprint(), names)
 
 
+def check_rewrite_inputs(profile: Optional[Path | str] = None, budget: Optional[float] = None,
+                         recipe: Optional[Path | str | dict] = None) -> None:
+    """What `surgeon rewrite` can refuse before loading the model: the budget's range, the
+    profile (a readable profile artifact) and the recipe (structure, variants, parameter types)."""
+    from surgeon.errors import BadInput
+    from surgeon.passes.policy import check_recipe, load_recipe
+
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not (0.0 < float(budget) <= 1.0)):
+        raise BadInput(f"--budget {budget} is outside (0, 1]", "give the fraction of dense attention compute to keep, e.g. 0.15")
+    if profile is None and recipe is None:
+        raise BadInput("no --profile and no --recipe", "run `surgeon profile MODEL` first, or give --recipe")
+    if profile is not None:
+        from surgeon.profiles.profile_doc import Profile
+
+        Profile.load(profile)
+    if recipe is not None:
+        check_recipe(recipe if isinstance(recipe, dict) else load_recipe(Path(recipe)))
+
+
 def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, budget: Optional[float] = None,
             recipe: Optional[Path | str | dict] = None, out: Optional[Path | str] = None, force: bool = False,
             eval_seq_len: int = 1024, eval_samples: int = 2, progress: Any = None,
@@ -87,7 +109,6 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
     report.html and frontier.png). Returns the report. Under torchrun (tolerance mode) the
     planner's searches are divided across ranks; rank 0 writes, the others return None.
     """
-    from surgeon.artifacts import check_writable_output
     from surgeon.errors import BadInput
 
     # ---- every check that needs no model comes first
@@ -109,7 +130,9 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
             settings = ToleranceSettings(tolerance=T, lengths=tuple(int(n) for n in lengths), **(plan_options or {}))
         except TypeError as e:
             raise BadInput(f"unknown planner option ({e})", "see surgeon.profiles.tolerance.ToleranceSettings") from e
-    if profile is not None:
+    if mode != "tolerance":
+        check_rewrite_inputs(profile, budget, recipe)  # before the model loads
+    else:
         from surgeon.profiles.profile_doc import Profile
 
         Profile.load(profile)  # readable and valid before the model loads (its model is checked below)
@@ -124,10 +147,14 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
 
         world = distributed.init_from_env()  # torchrun: the planner's checks are divided across ranks
     try:
-        if world is None or world.rank == 0:
-            check_writable_output(out, force)
-        return _rewrite_planned(model, mode, settings, profile, budget, recipe, out, force, eval_seq_len,
-                                eval_samples, progress, world)
+        if world is not None and world.rank != 0:  # rank 0 alone checks, locks and writes OUT
+            return _rewrite_planned(model, mode, settings, profile, budget, recipe, out, force, eval_seq_len,
+                                    eval_samples, progress, world)
+        ins = [v for v in (model, profile, recipe) if isinstance(v, (str, os.PathLike)) and os.fspath(v)
+               and Path(v).exists()]
+        with _outputs.Output(out, "rewrite", force=force, inputs=ins):  # checked and locked for the whole run
+            return _rewrite_planned(model, mode, settings, profile, budget, recipe, out, force, eval_seq_len,
+                                    eval_samples, progress, world)
     finally:
         if world is not None:
             from surgeon.profiles import distributed
@@ -217,22 +244,33 @@ def load_rewritten(path: Path | str):
     return _lr(path)
 
 
-def evaluate(model_or_dir: str, *, data: Optional[str] = None, seq_len: int = 1024, samples: int = 4) -> dict[str, Any]:
-    """Perplexity (language models) or embedding cosine against dense (encoders) on held-out text.
+def evaluate(model_or_dir: str, *, data: Optional[str] = None, seq_len: Optional[int] = None,
+             samples: int = 4) -> dict[str, Any]:
+    """Perplexity (language models) or embedding cosine against dense (encoders).
 
-    MODEL_OR_DIR: a model (dense) or a folder written by `surgeon rewrite`.
+    MODEL_OR_DIR: a model (dense) or a folder written by `surgeon rewrite`. Without ``data``:
+    ``samples`` rows of the built-in corpus's held-out split; with ``data`` (a file or folder of
+    text): every token of it (``samples`` does not apply). ``seq_len``: tokens per row (default
+    1024, or the model's maximum positions if fewer); beyond the model's positions is BadInput.
     """
+    from surgeon.errors import ArtifactMismatch, BadInput
     from surgeon.evaluate import evaluate_module
     from surgeon.passes.rewrite import load_rewritten as _lr
-    from surgeon.profiles.data import load_calibration
+    from surgeon.profiles.data import load_calibration, load_eval_rows
 
+    if data is not None and not Path(data).exists():
+        raise BadInput(f"no such file or folder: {data}", "give --data a text file, folder of .txt or JSONL")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise BadInput(f"--seq-len {seq_len} must be a positive integer", "give e.g. --seq-len 1024")
     p = Path(model_or_dir)
     if p.is_dir() and (p / "rewrite.json").exists():
         rw = _lr(p)
-        lm = _load(rw.manifest.model)
+        try:
+            lm = _load(rw.manifest.model)
+        except BadInput as e:
+            raise BadInput(f"the model {p} was rewritten from ({rw.manifest.model}) cannot be loaded: {e.problem}",
+                           "restore that model at the same path, or re-run `surgeon rewrite`") from e
         if lm.fingerprint() != rw.manifest.model_fingerprint:
-            from surgeon.errors import ArtifactMismatch
-
             raise ArtifactMismatch(f"{p} was made from a different {rw.manifest.model} than the one installed",
                                    "re-run `surgeon rewrite` for the installed model")
         module = rw.module()
@@ -240,11 +278,14 @@ def evaluate(model_or_dir: str, *, data: Optional[str] = None, seq_len: int = 10
     else:
         lm = _load(model_or_dir)
         module, dense = lm.module, lm.module
-    seq = seq_len
-    if lm.kind == "causal-lm" or lm.kind == "encoder":
-        seq = min(seq_len, lm.max_positions or seq_len)
-    cal = load_calibration(data, lm, samples, seq, split="heldout")
-    ev = evaluate_module(module, lm.kind, cal.inputs, seq_len=seq, data=cal.source + ":heldout", dense_module=dense)
+    seq = seq_len if seq_len is not None else min(1024, lm.max_positions or 1024)
+    if data is not None and lm.is_text:
+        cal = load_eval_rows(data, lm, seq)
+        where = cal.source
+    else:
+        cal = load_calibration(data, lm, samples, seq, split="heldout")
+        where = cal.source + ":heldout"
+    ev = evaluate_module(module, lm.kind, cal.inputs, seq_len=seq, data=where, dense_module=dense)
     return ev.to_dict()
 
 
@@ -278,31 +319,82 @@ def _check_report_budget(cap: Captured, budget: float, seq_len: int, block_size:
                        "profile longer sequences (--seq-len) or smaller blocks (--block-size)")
 
 
+def _profile_outputs(out: Optional[Path | str], report: Any, force: bool, inputs: tuple) -> tuple[Any, Any]:
+    """The profile's two outputs (checked, not yet entered); ``report=...``: report.html beside ``out``."""
+    from surgeon.errors import BadInput
+
+    if report is ...:
+        report = (Path(out).parent / "report.html") if out is not None else None
+    o = _outputs.Output(out, "profile", force=force, inputs=inputs) if out is not None else None
+    r = _outputs.Output(report, "report", force=force, inputs=inputs, option="--report") if report is not None else None
+    if o is not None and r is not None and o.path == r.path:
+        raise BadInput(f"--out and --report are the same file ({o.path})", "give the report another name")
+    for x in (o, r):
+        if x is not None:
+            x.check()
+    return o, r
+
+
+def _check_profile_args(data: Optional[str], samples: Any, seq_len: Any, block_size: Any) -> None:
+    """What can be refused without the model: counts and the data path."""
+    from surgeon.errors import BadInput
+
+    for name, v in (("--samples", samples), ("--seq-len", seq_len), ("--block-size", block_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BadInput(f"{name} {v} must be a positive integer", f"give e.g. {name} 8")
+    if data is not None and not Path(data).exists():
+        raise BadInput(f"no such file or folder: {data}", "give --data a text file, folder of .txt, JSONL or images")
+    if data is not None and Path(data).is_file():  # readable, UTF-8, not empty: before the model loads
+        from surgeon.profiles.data import text_documents
+
+        if not text_documents(data):
+            raise BadInput(f"the calibration data ({data}) holds no text", "give a non-empty text source")
+
+
 def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = None, samples: int = 8,
             seq_len: int = 2048, block_size: int = 64, seed: int = 0, out: Optional[Path | str] = "profile.json",
-            report: Optional[Path | str] = "report.html", budget: Optional[float] = None, force: bool = False,
+            report: Optional[Path | str] = ..., budget: Optional[float] = None, force: bool = False,
             progress: Any = None, **options: Any):
     """Calibrate MODEL: statistics per site/head, write profile.json and report.html (with the
-    policy at ``budget``; None: 0.15, raised to the cheapest feasible plan at this length). Outputs are checked before any work and written atomically.
+    policy at ``budget``; None: 0.15, raised to the cheapest feasible plan at this length, so a
+    budget the user did not give never fails the profile; the report defaults to ``report.html``
+    beside ``out``, ``None`` writes none). Outputs are checked and locked before any work and both
+    are switched in only once both are complete (see :mod:`surgeon.outputs`).
 
     Under torchrun (WORLD_SIZE > 1) the samples are split across ranks and rank 0 alone writes;
     other ranks return ``(None, None)`` (see :mod:`surgeon.profiles.distributed`)."""
-    from surgeon.artifacts import check_writable_output
+    import contextlib
+
     from surgeon.profiles.collect import profile as _profile
     from surgeon.profiles.plan import plan as _plan
-    from surgeon.profiles.report import write_report
+    from surgeon.profiles.report import render_report
 
     from surgeon.profiles import distributed
 
+    distributed.check_env()
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0.0 < float(budget) <= 1.0):
+        from surgeon.errors import BadInput
+
+        raise BadInput(f"--budget {budget} is outside (0, 1]", "give the fraction of dense attention compute, e.g. 0.15")
+    _check_profile_args(data, samples, seq_len, block_size)
     world = distributed.init_from_env()  # torchrun: join the process group (None: one process)
+    stack = contextlib.ExitStack()
     try:
         err: Optional[BaseException] = None
+        o_prof = o_rep = None
         try:
             if world is None or world.rank == 0:  # rank 0 alone writes
-                for p in (out, report):
-                    if p is not None:
-                        check_writable_output(Path(p), force)
+                o_prof, o_rep = _profile_outputs(out, report, force, (data, model if isinstance(model, str) else None))
+                for x in (o_prof, o_rep):
+                    if x is not None:
+                        stack.enter_context(x)
             lm = _load(model) if isinstance(model, str) else model
+            if lm.is_text and lm.max_positions and seq_len > lm.max_positions:  # before the capture
+                from surgeon.errors import BadInput
+
+                raise BadInput(f"seq_len={seq_len} is beyond {lm.name}'s {lm.max_positions} positions",
+                               f"use --seq-len {lm.max_positions} or less")
             cap = _capture(lm)
             if budget is not None and lm.is_text:
                 _check_report_budget(cap, budget, seq_len, block_size, options)
@@ -327,12 +419,16 @@ def profile(model: LoadedModel | str = DEFAULT_MODEL, *, data: Optional[str] = N
         if prof is None:  # a distributed rank other than 0
             return None, None
         pol = _plan(prof, budget)
-        if out is not None:
-            prof.save(Path(out), force=force)
-        if report is not None:
-            write_report(prof, pol, Path(report), force=force)
+        if o_prof is not None:  # both complete before either is switched in
+            o_prof.write(prof.to_json().encode())
+        if o_rep is not None:
+            o_rep.write(render_report(prof, pol).encode())
+        for x in (o_prof, o_rep):
+            if x is not None:
+                x.commit()
         return prof, pol
     finally:
+        stack.close()
         distributed.shutdown()
 
 
@@ -371,24 +467,28 @@ def tune(model: LoadedModel | Captured | str, variant: str, *, data: Optional[st
     (default: calibration cross-entropy). Everything that can be checked without the model is
     checked first; nothing is written on error. ``out=None`` writes nothing. Returns the sidecar
     document with ``out``/``sidecar`` paths added."""
-    from surgeon.artifacts import check_writable_output
+    import contextlib
+
     from surgeon.profiles import tune as _tune
 
     text_like = not (isinstance(model, str) and (model == "vit-tiny" or model.startswith("timm:")))
     opts = _tune.check_options(variant, scope=scope, objective=objective, spans=spans, layers=layers, heads=heads,
                                strength=strength, grid=grid, windows=windows, refine=refine, sweeps=sweeps,
                                rounds=rounds, k=k, seq_len=seq_len if text_like else None, **options)
-    if out is not None:
-        check_writable_output(Path(out), force)
-        check_writable_output(_tune.sidecar_path(Path(out)), force)
-    if isinstance(model, Captured):
-        lm, cap = model.model, model
-    else:
-        lm = _load(model) if isinstance(model, str) else model
-        cap = _capture(lm)
-    res = _tune.tune(lm, cap, opts, data=data, samples=samples, seq_len=seq_len, seed=seed, progress=progress)
-    doc = res.document()
-    if out is not None:
-        o, side = _tune.write_outputs(res, Path(out), force=force)
-        doc["out"], doc["sidecar"] = str(o), str(side)
+    with contextlib.ExitStack() as stack:
+        if out is not None:  # both outputs checked and locked before any work
+            ins = [x for x in (data, model if isinstance(model, str) else None) if x]
+            for x in (_outputs.Output(out, "tune-recipe", force=force, inputs=ins),
+                      _outputs.Output(_tune.sidecar_path(Path(out)), "tune", force=force, inputs=ins)):
+                stack.enter_context(x)
+        if isinstance(model, Captured):
+            lm, cap = model.model, model
+        else:
+            lm = _load(model) if isinstance(model, str) else model
+            cap = _capture(lm)
+        res = _tune.tune(lm, cap, opts, data=data, samples=samples, seq_len=seq_len, seed=seed, progress=progress)
+        doc = res.document()
+        if out is not None:
+            o, side = _tune.write_outputs(res, Path(out), force=force)
+            doc["out"], doc["sidecar"] = str(o), str(side)
     return doc

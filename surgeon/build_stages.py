@@ -13,13 +13,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from surgeon import __version__
 from surgeon.artifacts import atomic_write_text, canonical_json
 from surgeon.errors import BadInput, CheckFailed
+from surgeon.outputs import builds
 
 
 class BuildRecipe(BaseModel):
@@ -28,20 +29,21 @@ class BuildRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = "smollm2-135m"
     data: Optional[str] = None
-    samples: int = 4
-    seq_len: int = 2048
-    block_size: int = 64
+    samples: int = Field(default=4, ge=1)
+    seq_len: int = Field(default=2048, ge=1)
+    block_size: int = Field(default=64, ge=1)
     seed: int = 0
     tolerance: Optional[float] = Field(default=0.01, description="quality-first (default): the fastest rewrite "
                                        "whose held-out loss stays within this; fail (exit 1) above it")
     lengths: list[int] = Field(default_factory=list, description="serving lengths the tolerance holds at "
                                "(default: seq_len and the model's maximum)")
     families: Optional[list[str]] = None  # planner families (default: all, see surgeon.profiles.tolerance)
-    budget: Optional[float] = Field(default=None, description="expert mode instead of tolerance: compute budget")
+    budget: Optional[float] = Field(default=None, gt=0.0, le=1.0,
+                                    description="expert mode instead of tolerance: compute budget")
     recipe: Optional[dict[str, Any]] = None  # site-glob recipe applied on top of the plan
-    eval_seq_len: int = 2048
-    eval_samples: int = 2
-    export_format: str = "onnx"
+    eval_seq_len: int = Field(default=2048, ge=1)
+    eval_samples: int = Field(default=2, ge=1)
+    export_format: Literal["onnx", "tensorrt"] = "onnx"
     opset: int = 18
     verify: bool = True
     max_ppl_increase: Optional[float] = Field(default=None, description="fail (exit 1) above this held-out increase")
@@ -86,6 +88,7 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+@builds("out")
 def build(recipe: Optional[Path] = None, out: Path = Path("build"), *, say: Callable[[str], None] = lambda m: None,
           progress: Any = None) -> dict[str, Any]:
     """Run the stages; returns the summary (also written to OUT/summary.json)."""
@@ -93,8 +96,6 @@ def build(recipe: Optional[Path] = None, out: Path = Path("build"), *, say: Call
     from surgeon.models import load
 
     rc = load_build_recipe(recipe)
-    if rc.export_format not in ("onnx", "tensorrt"):
-        raise BadInput(f"export_format {rc.export_format!r} is invalid", "use onnx or tensorrt")
     if rc.budget is not None or rc.recipe is not None:
         tolerance = None  # expert modes: the budget plan / the recipe; max_ppl_increase gates them
     else:
@@ -116,7 +117,7 @@ def build(recipe: Optional[Path] = None, out: Path = Path("build"), *, say: Call
     def record(res: StageResult) -> None:
         stages.append(res)
         state[res.name] = {"key": res.key, "outputs": res.outputs, "metrics": res.metrics}
-        atomic_write_text(state_path, canonical_json(state), force=True)
+        atomic_write_text(state_path, canonical_json(state), force=True, own=True)
         say(f"{res.name}: {'skipped (cached, inputs unchanged)' if res.status == 'cached' else 'done'} "
             f"in {res.seconds:.1f} s → {', '.join(res.outputs)}")
 
@@ -198,7 +199,7 @@ def build(recipe: Optional[Path] = None, out: Path = Path("build"), *, say: Call
                    f"(limit {100 * rc.max_ppl_increase:.2f}%)")
         summary["ok"] = False
         summary["failure"] = failure
-    atomic_write_text(out / "summary.json", canonical_json(summary), force=True)
+    atomic_write_text(out / "summary.json", canonical_json(summary), force=True, own=True)
     if failure:
         raise CheckFailed(failure, "loosen tolerance (or max_ppl_increase) in the build recipe, or calibrate on "
                                    "more data")

@@ -113,35 +113,50 @@ def variants(json_out: bool = typer.Option(False, "--json", help="print JSON")) 
 
 @contextlib.contextmanager
 def _stage_bars(enabled: bool = True):
-    """Rich progress bars on stderr, one per stage; yields ``progress(stage, done, total)``."""
+    """Rich progress bars on stderr, one per stage; yields ``progress(stage, done, total)``.
+
+    Nothing is drawn before the first stage reports, so an error found by the early checks is
+    the only line printed."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=False, disable=not enabled) as prog:
-        tasks: dict[str, Any] = {}
-        setup = prog.add_task("loading and capturing", total=None)
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=err, transient=False, disable=not enabled)
+    tasks: dict[str, Any] = {}
+    started = False
 
-        def progress(stage: str, done: int, total: int) -> None:
-            prog.update(setup, visible=False)
-            if stage not in tasks:
-                tasks[stage] = prog.add_task(stage, total=total)
-            prog.update(tasks[stage], completed=done, total=total)
+    def progress(stage: str, done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            prog.start()
+            started = True
+        if stage not in tasks:
+            tasks[stage] = prog.add_task(stage, total=total)
+        prog.update(tasks[stage], completed=done, total=total)
 
+    try:
         yield progress
+    finally:
+        if started:
+            prog.stop()
 
 
 class _Steps:
-    """Spinner status lines for multi-stage commands (stderr)."""
+    """Spinner status lines for multi-stage commands (stderr); drawn from the first step on, so
+    an error found before any step prints alone."""
 
     def __init__(self) -> None:
-        self.status = err.status("starting", spinner="dots")
-        self.status.start()
+        self.status = None
 
     def __call__(self, msg: str) -> None:
-        self.status.update(msg)
+        if self.status is None:
+            self.status = err.status(msg, spinner="dots")
+            self.status.start()
+        else:
+            self.status.update(msg)
 
     def stop(self) -> None:
-        self.status.stop()
+        if self.status is not None:
+            self.status.stop()
 
 
 @app.command()
@@ -153,7 +168,8 @@ def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
             seq_len: int = typer.Option(2048, "--seq-len", help="tokens per sample"),
             block_size: int = typer.Option(64, "--block-size", help="key/query block size for block statistics"),
             out_path: Path = typer.Option(Path("profile.json"), "--out", help="profile artifact"),
-            report: Path = typer.Option(Path("report.html"), "--report", help="self-contained HTML report"),
+            report: Optional[Path] = typer.Option(None, "--report", help="self-contained HTML report "
+                                                  "(default: report.html next to --out)"),
             seed: int = typer.Option(0, "--seed", help="random seed (same inputs and seed → identical profile)"),
             budget: Optional[float] = typer.Option(None, "--budget", help="budget of the illustrative policy shown "
                                                    "in the report (default 0.15, or the cheapest feasible plan)"),
@@ -163,8 +179,12 @@ def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     Distributed: `torchrun --nproc-per-node N -m surgeon profile ...` splits the samples across
     ranks (gloo on CPU, nccl on GPUs); rank 0 writes the same profile one process would."""
     from surgeon import api
+    from surgeon.profiles.distributed import check_env
 
+    check_env()
     rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 draws progress and reports
+    if report is None:
+        report = out_path.parent / "report.html"
     with _stage_bars(enabled=rank == 0) as progress:
         prof, pol = api.profile(model, data=data, samples=samples, seq_len=seq_len, block_size=block_size,
                                 seed=seed, out=out_path, report=report, budget=budget, force=force, progress=progress)
@@ -264,9 +284,12 @@ def rewrite(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
 @app.command(name="eval")
 @guarded
 def eval_cmd(model_or_dir: str = typer.Argument("smollm2-135m", help="a model, or a folder from `surgeon rewrite`"),
-             data: Optional[str] = typer.Option(None, "--data", help="text file, folder, or JSONL (default: built-in corpus, held-out split)"),
-             seq_len: int = typer.Option(1024, "--seq-len", help="tokens per sample"),
-             samples: int = typer.Option(4, "--samples", help="number of samples"),
+             data: Optional[str] = typer.Option(None, "--data", help="text file, folder, or JSONL, evaluated whole "
+                                                "(default: the built-in corpus, held-out split)"),
+             seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per row (default 1024, or the "
+                                                   "model's maximum positions if fewer)"),
+             samples: int = typer.Option(4, "--samples", help="rows of the built-in corpus (with --data the whole "
+                                         "file is used)"),
              json_out: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Perplexity (language models) or embedding cosine against dense (encoders) on held-out text."""
     from surgeon import api
@@ -443,8 +466,17 @@ def tune(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     out.print(f"recipe → {doc['out']}   search → {doc['sidecar']}")
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (a CI timeout, torchrun stopping a job) unwinds like Ctrl-C: temporaries are removed,
+    locks released, the previous output left as it was; exit 2 "interrupted"."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

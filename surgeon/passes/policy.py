@@ -73,6 +73,106 @@ def match_sites(pattern: str, site_names: list[str]) -> list[str]:
     return [n for n in site_names if fnmatch.fnmatchcase(n, pattern)]
 
 
+def _type_ok(value: Any, t: str) -> bool:
+    """Does ``value`` (as YAML/JSON gives it) fit the parameter type ``t`` (a dataclass field type
+    string: int, float, bool, str, Optional[X], tuple[X, ...], tuple[X, Y])?"""
+    t = t.replace(" ", "")
+    if t.startswith("Optional[") and t.endswith("]"):
+        return value is None or _type_ok(value, t[9:-1])
+    if t.startswith("tuple[") and t.endswith("]"):
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner, parts, depth, cur = t[6:-1], [], 0, ""
+        for ch in inner:
+            if ch == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+                continue
+            depth += ch == "["
+            depth -= ch == "]"
+            cur += ch
+        parts.append(cur)
+        if len(parts) == 2 and parts[1] == "...":
+            return all(_type_ok(v, parts[0]) for v in value)
+        return len(value) == len(parts) and all(_type_ok(v, q) for v, q in zip(value, parts))
+    if t == "bool":
+        return isinstance(value, bool)
+    if t == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t == "str":
+        return isinstance(value, str)
+    return True  # a type this checker does not know: the variant validates it
+
+
+def _type_word(t: str) -> str:
+    t = t.replace(" ", "")
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    if t.startswith("Optional["):
+        return _type_word(t[9:-1]) + " (or null)"
+    if t.startswith("tuple["):
+        return f"a list ({t})"
+    return words.get(t, t)
+
+
+def check_params(variant: str, params: dict[str, Any], where: str) -> None:
+    """Parameter names and value types of ``variant`` (BadInput naming the entry and the field)."""
+    import dataclasses
+
+    from surgeon.attention.registry import get_variant
+
+    fields = {f.name: str(f.type) for f in dataclasses.fields(get_variant(variant).Params)}
+    for k, v in params.items():
+        if k not in fields:
+            raise BadInput(f"{where}: '{variant}' has no parameter '{k}'",
+                           f"valid parameters: {', '.join(sorted(fields)) or 'none'}")
+        if not _type_ok(v, fields[k]):
+            raise BadInput(f"{where}: {k} = {v!r} is not {_type_word(fields[k])}",
+                           f"give {k} as {_type_word(fields[k])} (see `surgeon variants`)")
+
+
+def check_recipe(recipe: Any) -> None:
+    """Everything about a recipe that needs no model: a mapping of globs to entries with a known
+    variant, parameters of the right names and types, modulators a list of known modulated
+    variants, block_mask_from a site name."""
+    from surgeon.attention.registry import VARIANTS, get_variant
+
+    if not isinstance(recipe, dict) or not recipe:
+        raise BadInput("the recipe is empty or not a mapping", 'write it as {"<site glob>": {variant: NAME, ...}}')
+    for glob, spec in recipe.items():
+        if isinstance(spec, str):
+            spec = {"variant": spec}
+        if not isinstance(spec, dict) or "variant" not in spec:
+            raise BadInput(f"recipe entry '{glob}' has no variant", f"valid variants: {', '.join(sorted(VARIANTS))}")
+        spec = dict(spec)
+        variant = spec.pop("variant")
+        if not isinstance(variant, str) or variant not in VARIANTS:
+            raise BadInput(f"recipe entry '{glob}' names unknown variant '{variant}'",
+                           f"valid variants: {', '.join(sorted(VARIANTS))}")
+        mods = spec.pop("modulators", None)
+        if mods is not None and not isinstance(mods, list):
+            raise BadInput(f"recipe entry '{glob}': modulators = {mods!r} is not a list",
+                           "write modulators as a list, e.g. modulators: [{variant: temperature, sigma: 0.1}]")
+        for m in mods or []:
+            if isinstance(m, str):
+                m = {"variant": m}
+            if not isinstance(m, dict) or m.get("variant") not in VARIANTS:
+                mv = m.get("variant") if isinstance(m, dict) else m
+                raise BadInput(f"recipe entry '{glob}' names unknown modulator '{mv}'",
+                               f"valid variants: {', '.join(sorted(VARIANTS))}")
+            if get_variant(m["variant"]).family != "modulated":
+                raise BadInput(f"recipe entry '{glob}': '{m['variant']}' is not a modulated variant",
+                               "list only modulated variants under modulators")
+            check_params(m["variant"], {k: v for k, v in m.items() if k != "variant"},
+                         f"recipe entry '{glob}' modulator {m['variant']}")
+        bmf = spec.pop("block_mask_from", None)
+        if bmf is not None and not isinstance(bmf, str):
+            raise BadInput(f"recipe entry '{glob}': block_mask_from = {bmf!r} is not a site name",
+                           "give the name of an earlier anchor site")
+        check_params(variant, spec, f"recipe entry '{glob}'")
+
+
 def policy_from_recipe(recipe: dict[str, Any], fingerprint: str, site_names: list[str],
                        base: Optional[Policy] = None) -> Policy:
     """Apply a recipe ``{glob: {variant: NAME, ...params, modulators: [...], block_mask_from: SITE}}``.
@@ -82,8 +182,7 @@ def policy_from_recipe(recipe: dict[str, Any], fingerprint: str, site_names: lis
     """
     from surgeon.attention.registry import VARIANTS
 
-    if not isinstance(recipe, dict) or not recipe:
-        raise BadInput("the recipe is empty or not a mapping", 'write it as {"<site glob>": {variant: NAME, ...}}')
+    check_recipe(recipe)
     sites = dict(base.sites) if base else {n: SiteChoice(variant="dense", reason="default") for n in site_names}
     for glob, spec in recipe.items():
         if isinstance(spec, str):
@@ -92,7 +191,7 @@ def policy_from_recipe(recipe: dict[str, Any], fingerprint: str, site_names: lis
             raise BadInput(f"recipe entry '{glob}' has no variant", f"valid variants: {', '.join(sorted(VARIANTS))}")
         spec = dict(spec)
         variant = spec.pop("variant")
-        if variant not in VARIANTS:
+        if variant not in VARIANTS:  # (check_recipe above)
             raise BadInput(f"recipe entry '{glob}' names unknown variant '{variant}'",
                            f"valid variants: {', '.join(sorted(VARIANTS))}")
         matched = match_sites(glob, site_names)

@@ -274,6 +274,43 @@ def load_calibration(
                            documents=ndocs, rows_available=n_rows, row_indices=pick)
 
 
+def load_eval_rows(path: Union[str, Path], lm: LoadedModel, seq_len: int) -> CalibrationData:
+    """Every token of the text at ``path`` (all documents, EOS between them) as rows of ``seq_len``
+    tokens; the last row is right-padded (attention_mask 0 on the padding), so nothing of the file is
+    left out. For `surgeon eval --data FILE` (the held-out split is for the built-in corpus)."""
+    if not lm.is_text or lm.tokenizer is None:
+        raise BadInput(f"{lm.name} ({lm.kind}) has no tokenizer to read {path}", "evaluate a text model")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < MIN_SEQ_LEN:
+        raise BadInput(f"seq_len={seq_len!r} is too short", f"use at least {MIN_SEQ_LEN} tokens")
+    if lm.max_positions and seq_len > lm.max_positions:
+        raise BadInput(f"seq_len={seq_len} is beyond {lm.name}'s {lm.max_positions} positions",
+                       f"use --seq-len {lm.max_positions} or less")
+    docs = text_documents(path)
+    if not docs:
+        raise BadInput(f"{path} holds no text", "give a non-empty text source")
+    with _quiet_tokenizer():
+        ids: list[int] = []
+        eos = getattr(lm.tokenizer, "eos_token_id", None)
+        for d in docs:
+            ids.extend(lm.tokenizer(d, add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                ids.append(int(eos))
+        if eos is not None and len(ids) > 1:
+            ids.pop()  # no EOS after the last document
+    if len(ids) < 2:
+        raise BadInput(f"{path} has {len(ids)} token(s)", "give at least two tokens of text")
+    n_rows = -(-len(ids) // seq_len)
+    pad = int(getattr(lm.tokenizer, "pad_token_id", None) or eos or 0)
+    flat = torch.full((n_rows * seq_len,), pad, dtype=torch.long)
+    flat[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+    mask = torch.zeros(n_rows * seq_len, dtype=torch.long)
+    mask[: len(ids)] = 1
+    input_ids, mask = flat.view(n_rows, seq_len), mask.view(n_rows, seq_len)
+    return CalibrationData(inputs=(input_ids, mask), source=str(path), split="all",
+                           fingerprint=_fingerprint("all", input_ids), seq_len=seq_len, tokens_available=len(ids),
+                           documents=len(docs), rows_available=n_rows, row_indices=list(range(n_rows)))
+
+
 def _image_processor(lm: LoadedModel) -> Any:
     if lm.processor is not None:
         return lm.processor
