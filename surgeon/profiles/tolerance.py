@@ -522,11 +522,17 @@ def frontier_png(record: dict[str, Any]) -> Optional[bytes]:
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     for fam in FAMILIES:
-        pts = sorted((c["attn_speedup"], c["losses"].get(top, max(c["losses"].values())), c["passed"])
-                     for c in checks if c["family"] == fam)
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=fam)
+        grid = list(_grid(fam))
+        mine = sorted((c for c in checks if c["family"] == fam),
+                      key=lambda c: grid.index(c["knob"]) if c["knob"] in grid else c["knob"])
+        if not mine:
+            continue  # along the knob, gentle → aggressive; open markers: over margin·T
+        xs = [c["attn_speedup"] for c in mine]
+        ys = [100 * c["losses"].get(top, max(c["losses"].values())) for c in mine]
+        line = ax.plot(xs, ys, linewidth=0.8, alpha=0.6, label=fam)[0]
+        for x, y, c in zip(xs, ys, mine):
+            ax.plot([x], [y], marker="o", color=line.get_color(), linestyle="none",
+                    markerfacecolor=line.get_color() if c["passed"] else "none")
     chosen = record.get("chosen")
     if chosen:
         knob = next((c.get("knob") for c in record.get("candidates", []) if c["family"] == chosen), None)
