@@ -281,3 +281,16 @@ def tune(model: LoadedModel | Captured | str, variant: str, *, data: Optional[st
         o, side = _tune.write_outputs(res, Path(out), force=force)
         doc["out"], doc["sidecar"] = str(o), str(side)
     return doc
+
+
+# --------------------------------------------------------------------------- generation
+
+def apply(model: Any, policy_or_rewrite_dir: Any, *, verify: bool = True):
+    """Install a surgeon policy (a Policy, a policy.json or a `surgeon rewrite` folder) into a live
+    transformers model through its attention and attention-mask interfaces, so that
+    ``model.generate()`` runs it with transformers' caches; returns the model. Prefill runs each
+    site's policy variant (logits equal the rewritten program's); decode steps run each site's
+    decode mode (default dense over the cache). See :mod:`surgeon.generation.hf`."""
+    from surgeon.generation.hf import apply as _apply
+
+    return _apply(model, policy_or_rewrite_dir, verify=verify)
