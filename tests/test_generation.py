@@ -1,6 +1,8 @@
 """surgeon.apply (a policy installed into a live transformers model) and `surgeon generate`."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -97,3 +99,152 @@ def test_apply_rejects_policy_of_other_model(smollm2, minilm, sparse_dir):
         apply(smollm2.module.hf, sparse_dir / "nope")
     with pytest.raises(BadInput):
         apply(object(), sparse_dir)
+
+
+# --------------------------------------------------------------------------- generation
+
+_BASE = ("The history of the city begins in the early medieval period, when a small settlement grew around a "
+         "river crossing. ")
+PROMPTS = ["Once upon a time", _BASE * 3, _BASE * 14]  # 4, 67 and 309 tokens with SmolLM2's tokenizer
+
+
+def _hf_greedy(lm, prompt: str, n: int) -> tuple[list[int], list[int]]:
+    hf = lm.module.hf
+    ids = lm.tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        g = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                        do_sample=False, max_new_tokens=n)
+    return ids, g[0, len(ids):].tolist()
+
+
+def test_identity_generate_equals_transformers_generate(smollm2, identity_dir):
+    """Issue 15 item 5 (PyTorch): the identity rewrite generates exactly transformers' greedy tokens."""
+    import surgeon
+
+    lens = []
+    for prompt in PROMPTS:
+        ids, ref = _hf_greedy(smollm2, prompt, 64)
+        res = surgeon.generate(smollm2, prompt, policy=identity_dir, max_new_tokens=64)
+        lens.append(res.prompt_tokens)
+        assert res.prompt_tokens == len(ids)
+        assert res.token_ids == ref, prompt[:20]
+        assert res.new_tokens == len(ref) and (res.stop == "eos" or len(ref) == 64)
+        assert res.text == smollm2.tokenizer.decode(ref, skip_special_tokens=True)
+        assert res.ttft_s > 0 and res.decode_tokens_per_s > 0
+    assert lens[0] < 10 < 40 < lens[1] < 100 < 250 < lens[2]
+    assert smollm2.module.hf.config._attn_implementation == "sdpa"  # generate removed what it installed
+
+
+def test_cli_generate_identity_rewrite_json(smollm2, identity_dir):
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    _, ref = _hf_greedy(smollm2, PROMPTS[1], 64)
+    r = CliRunner().invoke(app, ["generate", str(identity_dir), "--prompt", PROMPTS[1], "--max-new-tokens", "64",
+                                 "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["token_ids"] == ref
+    assert doc["prompt_tokens"] == 67 and doc["policy"] == str(identity_dir)
+    assert {"text", "ttft_s", "decode_tokens_per_s", "new_tokens", "stop"} <= set(doc)
+
+
+def test_sparse_prefill_then_dense_decode_over_its_cache(smollm2, sparse_dir):
+    """With a sparse prefill policy the first token is the rewritten program's argmax, and each
+    decode step is dense attention over the cache the sparse prefill wrote."""
+    import surgeon
+    from transformers import DynamicCache
+
+    from surgeon.generation.hf import apply, remove
+    from surgeon.passes.rewrite import load_rewritten
+
+    hf = smollm2.module.hf
+    prompt = PROMPTS[2]
+    ids = torch.tensor([smollm2.tokenizer(prompt)["input_ids"]])
+    am = torch.ones_like(ids)
+    with torch.no_grad():
+        prog_last = load_rewritten(sparse_dir).module()(ids, am)[0, -1]
+        dense_last = smollm2.module(ids, am)[0, -1]
+    res = surgeon.generate(sparse_dir, prompt, max_new_tokens=4, stop_at_eos=False)
+    assert res.token_ids[0] == int(prog_last.argmax())
+    assert res.policy == str(sparse_dir)
+    # the decode step: surgeon's decode mode vs transformers' own SDPA on the same (sparse-prefill) cache
+    tok = torch.tensor([[res.token_ids[0]]])
+    am2 = torch.ones(1, ids.shape[1] + 1, dtype=torch.long)
+    try:
+        apply(hf, sparse_dir, verify=False)
+        with torch.no_grad():
+            cache = DynamicCache(config=hf.config)
+            pre = hf(input_ids=ids, attention_mask=am, cache=cache, use_cache=True).logits[0, -1]
+            torch.testing.assert_close(pre, prog_last, rtol=0, atol=1e-4)
+            ours = hf(input_ids=tok, attention_mask=am2, cache=cache, use_cache=True).logits[0, -1]
+            cache.crop(-1)
+            remove(hf)
+            theirs = hf(input_ids=tok, attention_mask=am2, cache=cache, use_cache=True).logits[0, -1]
+    finally:
+        remove(hf)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert res.token_ids[1] == int(ours.argmax())
+    # the sparse prefill really differs from dense (so the cache is the sparse one)
+    assert float((prog_last - dense_last).abs().max()) > 1e-2
+
+
+def test_sampling_is_seeded(smollm2):
+    import surgeon
+
+    a = surgeon.generate(smollm2, "Once upon a time", max_new_tokens=12, temperature=0.8, seed=7, stop_at_eos=False)
+    b = surgeon.generate(smollm2, "Once upon a time", max_new_tokens=12, temperature=0.8, seed=7, stop_at_eos=False)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 12 and a.temperature == 0.8
+
+
+# --------------------------------------------------------------------------- bad input
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    return CliRunner().invoke(app, ["generate", *args], catch_exceptions=False)
+
+
+def test_generate_prompt_usage_errors(tmp_path):
+    r = _cli("smollm2-135m")
+    assert r.exit_code == 2 and "exactly one of --prompt and --prompt-file" in r.output
+    f = tmp_path / "p.txt"
+    f.write_text("hello")
+    r = _cli("smollm2-135m", "--prompt", "x", "--prompt-file", str(f))
+    assert r.exit_code == 2 and "exactly one of" in r.output
+    r = _cli("smollm2-135m", "--prompt-file", str(tmp_path / "missing.txt"))
+    assert r.exit_code == 2 and "cannot read --prompt-file" in r.output
+    for n in ("0", "-3"):
+        r = _cli("smollm2-135m", "--prompt", "x", "--max-new-tokens", n)
+        assert r.exit_code == 2 and f"--max-new-tokens {n} must be a positive integer" in r.output
+    assert list(tmp_path.iterdir()) == [f]  # nothing written
+
+
+def test_generate_beyond_max_positions_names_both_numbers(smollm2):
+    import surgeon
+    from surgeon.errors import BadInput
+
+    with pytest.raises(BadInput) as e:
+        surgeon.generate(smollm2, "Once upon a time", max_new_tokens=8190)
+    msg = str(e.value)
+    assert "4 tokens" in msg and "8190 new tokens" in msg and "8192" in msg and "at most 8188" in msg
+    with pytest.raises(BadInput, match="temperature"):
+        surgeon.generate(smollm2, "Once upon a time", max_new_tokens=2, temperature=-1.0)
+
+
+def test_generate_refuses_encoder_and_bad_onnx(minilm, tmp_path):
+    import importlib.util
+
+    import surgeon
+    from surgeon.errors import UnsupportedModel
+
+    with pytest.raises(UnsupportedModel, match="not a causal language model"):
+        surgeon.generate(minilm, "hello", max_new_tokens=4)
+    r = _cli("minilm-l6", "--prompt", "hello")
+    assert r.exit_code == 2 and "not a causal language model" in r.output
+    if importlib.util.find_spec("surgeon.generation.onnx_loop") is None:
+        r = _cli("smollm2-135m", "--prompt", "hello", "--onnx", str(tmp_path))
+        assert r.exit_code == 2 and "needs an export with a KV cache" in r.output
