@@ -128,6 +128,7 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kp = key_padding_from_mask(mask, site.causal, nk)
     if nq == 1:
         return plan.decode.run(plan, q, k, v, kp)
+    plan.state.decode_state.pop(site.name, None)  # a new prefill: decode selections start afresh
     from surgeon.attention.ops import op_for
 
     if kp is None and "padding" in site.mask_kind:
@@ -314,3 +315,17 @@ def installed_policy(model: Any):
     """The policy :func:`apply` installed into ``model`` (None if none)."""
     state = getattr(_hf_of(model), "_surgeon_state", None)
     return state.policy if state is not None else None
+
+
+def decode_stats(model: Any) -> dict[str, dict[str, Any]]:
+    """Per site with a stateful decode mode: fresh selections, reused selections and the kept
+    fraction of visible cache tokens over the decode steps since the last prefill."""
+    state = getattr(_hf_of(model), "_surgeon_state", None)
+    if state is None:
+        return {}
+    out = {}
+    for name, st in state.decode_state.items():
+        vis = st.get("visible", 0)
+        out[name] = {"selected": st.get("selected", 0), "reused": st.get("reused", 0),
+                     "kept_fraction": (st.get("kept", 0) / vis) if vis else None}
+    return out

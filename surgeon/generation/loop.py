@@ -131,6 +131,10 @@ def run(hf: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, *, 
                                         eos=eos_ids(hf, tokenizer), stop_at_eos=stop_at_eos)
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else ""
     rate = (len(new) - 1) / dec if len(new) > 1 and dec > 0 else 0.0
+    from surgeon.generation.hf import decode_stats
+
+    stats = decode_stats(hf)
     return GenerationResult(text=text, token_ids=new, prompt_tokens=len(prompt_ids), new_tokens=len(new), ttft_s=ttft,
                             decode_s=dec, decode_tokens_per_s=rate, stop=stop, model=model, policy=policy,
-                            temperature=float(temperature), seed=int(seed))
+                            temperature=float(temperature), seed=int(seed),
+                            extra={"decode": stats} if stats else {})
