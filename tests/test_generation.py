@@ -248,3 +248,60 @@ def test_generate_refuses_encoder_and_bad_onnx(minilm, tmp_path):
     if importlib.util.find_spec("surgeon.generation.onnx_loop") is None:
         r = _cli("smollm2-135m", "--prompt", "hello", "--onnx", str(tmp_path))
         assert r.exit_code == 2 and "needs an export with a KV cache" in r.output
+
+
+# --------------------------------------------------------------------------- decode modes end to end
+
+def _token_select_policy(lm, cap, params):
+    from surgeon.passes.policy import policy_from_recipe
+
+    rec = {"model.layers.*": {"variant": "dense"},
+           "model.layers.[2-9].self_attn": {"variant": "dense", "decode": {"mode": "token_select", "params": params}}}
+    return policy_from_recipe(rec, lm.fingerprint(), [s.name for s in cap.sites])
+
+
+def test_token_select_decode_degenerate_generates_dense_tokens(smollm2, smollm2_cap):
+    import surgeon
+
+    pol = _token_select_policy(smollm2, smollm2_cap, {"n_init": 4, "n_local": 8, "top_k": 8192})
+    _, ref = _hf_greedy(smollm2, PROMPTS[1], 24)
+    res = surgeon.generate(smollm2, PROMPTS[1], policy=pol, max_new_tokens=24)
+    assert res.token_ids == ref
+    stats = res.extra["decode"]
+    assert sorted(stats) == [f"model.layers.{i}.self_attn" for i in range(2, 10)]
+    assert all(s["kept_fraction"] == 1.0 and s["selected"] >= 1 for s in stats.values())
+
+
+def test_token_select_decode_in_model_fast_equals_reference(smollm2, smollm2_cap):
+    """A sparse TokenSelect decode step inside SmolLM2: the gather fast path and the reference
+    give the same logits; the selection keeps a small part of the cache and changes the logits."""
+    from transformers import DynamicCache
+
+    from surgeon.attention.base import use_impl
+    from surgeon.generation.hf import apply, decode_stats, remove
+
+    pol = _token_select_policy(smollm2, smollm2_cap, {"n_init": 4, "n_local": 16, "top_k": 16})
+    hf = smollm2.module.hf
+    ids = torch.tensor([smollm2.tokenizer(PROMPTS[2])["input_ids"]])
+    n = ids.shape[1]
+    tok = torch.tensor([[42]])
+    am2 = torch.ones(1, n + 1, dtype=torch.long)
+    try:
+        apply(hf, pol, verify=False)
+        with torch.no_grad():
+            cache = DynamicCache(config=hf.config)
+            hf(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
+            with use_impl("reference"):
+                a = hf(input_ids=tok, attention_mask=am2, cache=cache, use_cache=True).logits[0, -1]
+            cache.crop(-1)
+            b = hf(input_ids=tok, attention_mask=am2, cache=cache, use_cache=True).logits[0, -1]
+            stats = decode_stats(hf)
+            cache.crop(-1)
+            remove(hf)
+            dense = hf(input_ids=tok, attention_mask=am2, cache=cache, use_cache=True).logits[0, -1]
+    finally:
+        remove(hf)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    kept = (4 + 16 + 16 + 1) / (n + 1)
+    assert all(abs(s["kept_fraction"] - kept) < 1e-9 and s["selected"] == 2 for s in stats.values())
+    assert float((b - dense).abs().max()) > 1e-3
