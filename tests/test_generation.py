@@ -305,3 +305,22 @@ def test_token_select_decode_in_model_fast_equals_reference(smollm2, smollm2_cap
     kept = (4 + 16 + 16 + 1) / (n + 1)
     assert all(abs(s["kept_fraction"] - kept) < 1e-9 and s["selected"] == 2 for s in stats.values())
     assert float((b - dense).abs().max()) > 1e-3
+
+
+def test_transformers_generate_runs_the_installed_policy(smollm2, sparse_dir):
+    """After apply, transformers' own generate (its cache, its loop) gives surgeon generate's tokens."""
+    import surgeon
+    from surgeon.generation.hf import apply, remove
+
+    hf = smollm2.module.hf
+    ids = smollm2.tokenizer(PROMPTS[2])["input_ids"]
+    res = surgeon.generate(sparse_dir, PROMPTS[2], max_new_tokens=6, stop_at_eos=False)
+    try:
+        apply(hf, sparse_dir)
+        with torch.no_grad():
+            g = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    finally:
+        remove(hf)
+    assert g[0, len(ids):].tolist() == res.token_ids
+    assert smollm2.module.hf.config._attn_implementation == "sdpa"
