@@ -15,6 +15,7 @@ from surgeon.generation.decode import (
     attend_kept_reference,
     dense_over_cache,
     token_select_keep,
+    token_select_keep_fast,
 )
 
 SCALE = 0.125
@@ -151,3 +152,51 @@ def test_decode_spec_in_recipe_and_policy_json(tmp_path):
     with pytest.raises(BadInput, match="out of range"):
         policy_from_recipe({"model.layers.0.self_attn": {"variant": "dense",
                                                          "decode": {"mode": "token_select", "keep": 1.5}}}, "fp", names)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("params", [dict(n_init=4, n_local=16, top_k=20), dict(n_init=0, n_local=1, top_k=7),
+                                    dict(n_init=8, n_local=8, keep=0.1), dict(n_init=300, n_local=0, top_k=5)])
+def test_fast_selection_equals_reference_selection(padded, params):
+    q, k, _ = _qkv(seed=5)
+    kp = _padding(2, 300) if padded else None
+    p = TokenSelectParams(**params)
+    assert torch.equal(token_select_keep_fast(q, k, kp, p), token_select_keep(q, k, kp, p, SCALE))
+
+
+@pytest.mark.parametrize("theta", [-1.0, 0.5, 1.5])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fast_steps_equal_reference_steps(theta, padded):
+    """Several decode steps over a growing cache: the gather path (which appends new tokens to its
+    gathered K/V on reused steps) equals the reference at every step, and selects/reuses alike."""
+    q, k, v = _qkv(nk=240, seed=6)
+    g = torch.Generator().manual_seed(9)
+    kp = _padding(2, 240) if padded else None
+    p = TokenSelectParams(n_init=4, n_local=8, top_k=12, reuse_threshold=theta)
+    mode = TokenSelectDecode(params=p)
+    fast, ref = {}, {}
+    for step, nk in enumerate(range(200, 240, 4)):
+        qs = q + 0.3 * step * torch.randn(q.shape, generator=g, dtype=q.dtype)
+        kps = kp[:, :nk] if kp is not None else None
+        a = mode.step(fast, qs, k[:, :, :nk], v[:, :, :nk], kps, SCALE, fast=True)
+        b = mode.step(ref, qs, k[:, :, :nk], v[:, :, :nk], kps, SCALE, fast=False)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert fast["selected"] == ref["selected"] and fast.get("reused") == ref.get("reused")
+    assert fast["kept"] == ref["kept"]
+    if theta < 0:
+        assert fast["selected"] == 1 and fast["reused"] == 9
+    if theta > 1:
+        assert fast["selected"] == 10
+
+
+@pytest.mark.parametrize("params", [dict(n_init=4, n_local=16, top_k=20), dict(n_init=0, n_local=0, top_k=7),
+                                    dict(n_init=8, n_local=8, keep=0.1), dict(n_init=4, n_local=8, top_k=1000)])
+def test_fast_positions_equal_reference_selection(params):
+    from surgeon.generation.decode import token_select_idx_fast
+
+    q, k, _ = _qkv(seed=7)
+    p = TokenSelectParams(**params)
+    want = token_select_keep(q, k, None, p, SCALE)
+    idx = token_select_idx_fast(q, k, p)
+    assert torch.equal(torch.zeros_like(want).scatter_(-1, idx, True), want)
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())  # position order, no duplicates
