@@ -200,3 +200,46 @@ def test_fast_positions_equal_reference_selection(params):
     idx = token_select_idx_fast(q, k, p)
     assert torch.equal(torch.zeros_like(want).scatter_(-1, idx, True), want)
     assert bool((idx[:, 1:] > idx[:, :-1]).all())  # position order, no duplicates
+
+
+def test_token_reuse_attends_to_the_anchor_selection():
+    from types import SimpleNamespace
+
+    from surgeon.attention.base import use_impl
+    from surgeon.generation.decode import TokenReuseDecode
+
+    q, k, v = _qkv(seed=8)
+    q2, k2, v2 = _qkv(seed=9)
+    state = SimpleNamespace(decode_state={})
+    anchor = SimpleNamespace(site=SimpleNamespace(name="a", scale=SCALE), state=state,
+                             decode=TokenSelectDecode(params=TokenSelectParams(n_init=4, n_local=8, top_k=10)))
+    cons = SimpleNamespace(site=SimpleNamespace(name="c", scale=SCALE), state=state,
+                           decode=TokenReuseDecode.from_params({"anchor": "a"}, "c"))
+    for kp in (None, _padding(2, 300)):
+        state.decode_state.clear()
+        anchor.decode.run(anchor, q, k, v, kp)
+        keep = state.decode_state["a"]["keep"]
+        want = attend_kept_reference(q2, k2, v2, kp, keep, SCALE)
+        torch.testing.assert_close(cons.decode.run(cons, q2, k2, v2, kp), want, rtol=0, atol=1e-12)
+        with use_impl("reference"):
+            torch.testing.assert_close(cons.decode.run(cons, q2, k2, v2, kp), want, rtol=0, atol=1e-12)
+    with pytest.raises(BadInput, match="did not run this step"):
+        cons.decode.run(cons, q2, k2[:, :, :-1], v2[:, :, :-1], None)
+
+
+def test_token_reuse_validation():
+    from types import SimpleNamespace
+
+    from surgeon.generation.decode import DenseDecode, TokenReuseDecode, validate_decode_plans
+
+    with pytest.raises(BadInput, match="needs an anchor"):
+        TokenReuseDecode.from_params({}, "c")
+    sel = SimpleNamespace(decode=TokenSelectDecode())
+    reuse = SimpleNamespace(decode=TokenReuseDecode(anchor="a"))
+    validate_decode_plans({"a": sel, "c": reuse})
+    with pytest.raises(BadInput, match="runs after it"):
+        validate_decode_plans({"c": reuse, "a": sel})
+    with pytest.raises(BadInput, match="does not run token_select"):
+        validate_decode_plans({"a": SimpleNamespace(decode=DenseDecode()), "c": reuse})
+    with pytest.raises(BadInput, match="not a site"):
+        validate_decode_plans({"b": sel, "c": reuse})

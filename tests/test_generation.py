@@ -252,11 +252,15 @@ def test_generate_refuses_encoder_and_bad_onnx(minilm, tmp_path):
 
 # --------------------------------------------------------------------------- decode modes end to end
 
-def _token_select_policy(lm, cap, params):
+def _token_select_policy(lm, cap, params, reuse: bool = False):
+    """token_select decode on layers 2-9 (with ``reuse``: layer 2 selects, 3-9 reuse its positions)."""
     from surgeon.passes.policy import policy_from_recipe
 
     rec = {"model.layers.*": {"variant": "dense"},
            "model.layers.[2-9].self_attn": {"variant": "dense", "decode": {"mode": "token_select", "params": params}}}
+    if reuse:
+        rec["model.layers.[3-9].self_attn"] = {"variant": "dense", "decode": {
+            "mode": "token_reuse", "params": {"anchor": "model.layers.2.self_attn"}}}
     return policy_from_recipe(rec, lm.fingerprint(), [s.name for s in cap.sites])
 
 
@@ -270,9 +274,16 @@ def test_token_select_decode_degenerate_generates_dense_tokens(smollm2, smollm2_
     stats = res.extra["decode"]
     assert sorted(stats) == [f"model.layers.{i}.self_attn" for i in range(2, 10)]
     assert all(s["kept_fraction"] == 1.0 and s["selected"] >= 1 for s in stats.values())
+    pol = _token_select_policy(smollm2, smollm2_cap, {"n_init": 4, "n_local": 8, "top_k": 8192}, reuse=True)
+    res = surgeon.generate(smollm2, PROMPTS[1], policy=pol, max_new_tokens=24)
+    assert res.token_ids == ref
+    stats = res.extra["decode"]
+    assert stats["model.layers.2.self_attn"]["selected"] >= 1 and stats["model.layers.5.self_attn"]["selected"] == 0
+    assert all(s["kept_fraction"] == 1.0 for s in stats.values())
 
 
-def test_token_select_decode_in_model_fast_equals_reference(smollm2, smollm2_cap):
+@pytest.mark.parametrize("reuse", [False, True])
+def test_token_select_decode_in_model_fast_equals_reference(smollm2, smollm2_cap, reuse):
     """A sparse TokenSelect decode step inside SmolLM2: the gather fast path and the reference
     give the same logits; the selection keeps a small part of the cache and changes the logits."""
     from transformers import DynamicCache
@@ -280,7 +291,7 @@ def test_token_select_decode_in_model_fast_equals_reference(smollm2, smollm2_cap
     from surgeon.attention.base import use_impl
     from surgeon.generation.hf import apply, decode_stats, remove
 
-    pol = _token_select_policy(smollm2, smollm2_cap, {"n_init": 4, "n_local": 16, "top_k": 16})
+    pol = _token_select_policy(smollm2, smollm2_cap, {"n_init": 4, "n_local": 16, "top_k": 16}, reuse=reuse)
     hf = smollm2.module.hf
     ids = torch.tensor([smollm2.tokenizer(PROMPTS[2])["input_ids"]])
     n = ids.shape[1]
@@ -303,7 +314,8 @@ def test_token_select_decode_in_model_fast_equals_reference(smollm2, smollm2_cap
         remove(hf)
     torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
     kept = (4 + 16 + 16 + 1) / (n + 1)
-    assert all(abs(s["kept_fraction"] - kept) < 1e-9 and s["selected"] == 2 for s in stats.values())
+    assert len(stats) == 8 and all(abs(s["kept_fraction"] - kept) < 1e-9 for s in stats.values())
+    assert all(s["selected"] == (2 if name.endswith(".2.self_attn") or not reuse else 0) for name, s in stats.items())
     assert float((b - dense).abs().max()) > 1e-3
 
 

@@ -9,6 +9,8 @@ query sits at the last position) and the key padding [B, Nk] bool (None: none) a
 * ``token_select``: TokenSelect's per-head soft-vote token selection over the cache, its
   selection reused across consecutive steps while the queries stay similar
   (:class:`TokenSelectDecode`).
+* ``token_reuse``: HyLRA-style cross-layer reuse — the positions an earlier ``token_select``
+  site kept at this step (:class:`TokenReuseDecode`).
 
 A site picks its mode in the policy: ``SiteChoice.decode = {"mode": NAME, "params": {...}}``
 (recipes: a ``decode:`` entry beside ``variant:``); no ``decode`` means ``dense``.
@@ -324,3 +326,78 @@ class TokenSelectDecode(DecodeMode):
 
 
 DECODE_MODES["token_select"] = TokenSelectDecode
+
+
+@dataclass
+class TokenReuseDecode(DecodeMode):
+    """HyLRA / TidalDecode-style cross-layer reuse during decode: attend to exactly the cache
+    positions that the ``anchor`` site (an earlier site running ``token_select``) kept at this
+    step — no selection work here. Reference: masked attention over the cache; ``gather`` fast
+    path: the positions gathered once per step (shared by all consumers of the anchor)."""
+
+    name: ClassVar[str] = "token_reuse"
+    anchor: str = ""
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], site: Any) -> "TokenReuseDecode":
+        unknown = sorted(set(params) - {"anchor"})
+        where = getattr(site, "name", site)
+        if unknown:
+            raise BadInput(f"site {where}: unknown token_reuse parameter(s) {unknown}", "valid parameters: ['anchor']")
+        anchor = params.get("anchor")
+        if not isinstance(anchor, str) or not anchor:
+            raise BadInput(f"site {where}: token_reuse needs an anchor site",
+                           "set params: {anchor: <an earlier site whose decode mode is token_select>}")
+        return cls(anchor=anchor)
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.name, "params": {"anchor": self.anchor}}
+
+    def run(self, plan, q, k, v, kp):
+        from surgeon.attention.base import current_impl
+
+        nk = k.shape[2]
+        st = plan.state.decode_state.get(self.anchor)
+        if st is None or st.get("n") != nk or st["keep"].shape[0] != q.shape[0]:
+            raise BadInput(f"{plan.site.name} reuses the decode selection of {self.anchor}, which did not run this step",
+                           "give token_reuse an earlier site whose decode mode is token_select")
+        keep = st["keep"]
+        mine = plan.state.decode_state.setdefault(plan.site.name, {})
+        mine["visible"] = mine.get("visible", 0) + (q.shape[0] * nk if kp is None else int(kp.sum()))
+        mine["kept"] = mine.get("kept", 0) + int(keep.sum())
+        scale = float(plan.site.scale)
+        if current_impl() == "reference":
+            return attend_kept_reference(q, k, v, kp, keep, scale)
+        if st.get("pos_n") != nk:  # positions of the anchor's selection, once per step
+            if keep.shape[0] == 1:
+                pos = keep[0].nonzero().flatten()[None]
+                st["pos"], st["pos_valid"] = pos, torch.ones_like(pos, dtype=torch.bool)
+            else:
+                counts = keep.sum(dim=-1)
+                s_ = int(counts.max())
+                st["pos"] = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :s_]
+                st["pos_valid"] = torch.arange(s_, device=keep.device)[None, :] < counts[:, None]
+            st["pos_n"] = nk
+        pos = st["pos"]
+        return attend_gathered(q, gather_positions(k, pos), gather_positions(v, pos), st["pos_valid"], scale)
+
+
+DECODE_MODES["token_reuse"] = TokenReuseDecode
+
+
+def validate_decode_plans(plans: dict[str, Any]) -> None:
+    """Cross-site checks: a ``token_reuse`` site's anchor is an earlier ``token_select`` site."""
+    order = {name: i for i, name in enumerate(plans)}
+    for name, plan in plans.items():
+        mode = plan.decode
+        if isinstance(mode, TokenReuseDecode):
+            a = mode.anchor
+            if a not in plans:
+                raise BadInput(f"site {name}: token_reuse anchor {a} is not a site of this model",
+                               "name an earlier site whose decode mode is token_select")
+            if order[a] >= order[name]:
+                raise BadInput(f"site {name} reuses the decode selection of {a}, which runs after it",
+                               "choose an earlier anchor site")
+            if not isinstance(plans[a].decode, TokenSelectDecode):
+                raise BadInput(f"site {name}: token_reuse anchor {a} does not run token_select during decode",
+                               f"give {a} decode: {{mode: token_select}}")

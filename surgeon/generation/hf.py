@@ -289,6 +289,9 @@ def apply(model: Any, policy_or_rewrite_dir: Any, *, verify: bool = True) -> nn.
                         consumes_block_mask=var.consumes_block_mask,
                         decode=decode_mode_for(choice, site), state=state)
         state.plans[site.name] = plan
+    from surgeon.generation.decode import validate_decode_plans
+
+    validate_decode_plans(state.plans)
     for name, plan in state.plans.items():
         _submodule(hf, name)._surgeon_plan = plan
     hf._surgeon_state = state
