@@ -364,9 +364,17 @@ def generate(model_or_dir: Any = DEFAULT_MODEL, prompt: Optional[str] = None, *,
     hf = lm.module.hf
     from surgeon.generation.hf import apply as _apply, remove as _remove
 
+    if policy is not None and src_dir is None:
+        from surgeon.generation.hf import resolve
+
+        pol_obj = resolve(policy)[0]
+        if pol_obj.model_fingerprint and pol_obj.model_fingerprint != lm.fingerprint():
+            raise ArtifactMismatch(f"the policy was made for a different model than {lm.name} (fingerprint mismatch)",
+                                   "give a policy made for this model, or re-run `surgeon rewrite` for it")
+        policy = pol_obj
     try:
         if policy is not None:
-            _apply(hf, policy, verify=src_dir is None)
+            _apply(hf, policy, verify=False)
         return loop.run(hf, lm.tokenizer, ids, max_new_tokens, max_positions=lm.max_positions,
                         temperature=temperature, seed=seed, stop_at_eos=stop_at_eos, model=lm.name, policy=label)
     finally:

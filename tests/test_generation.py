@@ -336,3 +336,14 @@ def test_transformers_generate_runs_the_installed_policy(smollm2, sparse_dir):
         remove(hf)
     assert g[0, len(ids):].tolist() == res.token_ids
     assert smollm2.module.hf.config._attn_implementation == "sdpa"
+
+
+def test_generate_refuses_policy_of_other_model(smollm2):
+    import surgeon
+    from surgeon.errors import ArtifactMismatch
+    from surgeon.passes.policy import identity_policy
+
+    pol = identity_policy("0" * 32, ["model.layers.0.self_attn"])
+    with pytest.raises(ArtifactMismatch, match="different model"):
+        surgeon.generate(smollm2, "Once upon a time", policy=pol, max_new_tokens=2)
+    assert smollm2.module.hf.config._attn_implementation == "sdpa"
