@@ -243,3 +243,17 @@ def test_token_reuse_validation():
         validate_decode_plans({"a": SimpleNamespace(decode=DenseDecode()), "c": reuse})
     with pytest.raises(BadInput, match="not a site"):
         validate_decode_plans({"b": sel, "c": reuse})
+
+
+def test_recipe_decode_only_entry_keeps_variants():
+    from surgeon.passes.policy import policy_from_recipe
+
+    names = [f"model.layers.{i}.self_attn" for i in range(4)]
+    rec = {"model.layers.*": {"variant": "block_topk", "keep": 0.2},
+           "model.layers.[13].self_attn": {"decode": {"mode": "token_select", "params": {"top_k": 8}}}}
+    pol = policy_from_recipe(rec, "fp", names)
+    for i, n in enumerate(names):
+        assert pol.sites[n].variant == "block_topk" and pol.sites[n].params == {"keep": 0.2}
+        assert (pol.sites[n].decode is not None) == (i in (1, 3))
+    with pytest.raises(BadInput, match="matches no site"):
+        policy_from_recipe({"nope.*": {"decode": "token_select"}}, "fp", names)

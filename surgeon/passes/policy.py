@@ -98,7 +98,8 @@ def match_sites(pattern: str, site_names: list[str]) -> list[str]:
 def policy_from_recipe(recipe: dict[str, Any], fingerprint: str, site_names: list[str],
                        base: Optional[Policy] = None) -> Policy:
     """Apply a recipe ``{glob: {variant: NAME, ...params, modulators: [...], block_mask_from: SITE,
-    decode: {mode: NAME, params: {...}}}}`` (``decode``: the sites' decode mode for generation).
+    decode: {mode: NAME, params: {...}}}}`` (``decode``: the sites' decode mode for generation; an
+    entry with ``decode`` alone sets the decode mode and keeps each matched site's variant).
 
     Later globs override earlier ones; sites matched by no glob keep ``base`` (or dense).
     A glob that matches no site is an error naming the sites.
@@ -111,6 +112,15 @@ def policy_from_recipe(recipe: dict[str, Any], fingerprint: str, site_names: lis
     for glob, spec in recipe.items():
         if isinstance(spec, str):
             spec = {"variant": spec}
+        if isinstance(spec, dict) and set(spec) == {"decode"}:  # a decode mode only: keep each site's variant
+            dec = decode_spec_from(spec["decode"], glob)
+            matched = match_sites(glob, site_names)
+            if not matched:
+                shown = ", ".join(site_names[:3]) + (", …" if len(site_names) > 3 else "")
+                raise BadInput(f"recipe glob '{glob}' matches no site", f"site names look like: {shown}")
+            for n in matched:
+                sites[n] = sites[n].model_copy(update={"decode": dec})
+            continue
         if not isinstance(spec, dict) or "variant" not in spec:
             raise BadInput(f"recipe entry '{glob}' has no variant", f"valid variants: {', '.join(sorted(VARIANTS))}")
         spec = dict(spec)
