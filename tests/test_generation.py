@@ -347,3 +347,24 @@ def test_generate_refuses_policy_of_other_model(smollm2):
     with pytest.raises(ArtifactMismatch, match="different model"):
         surgeon.generate(smollm2, "Once upon a time", policy=pol, max_new_tokens=2)
     assert smollm2.module.hf.config._attn_implementation == "sdpa"
+
+
+def test_batched_left_padded_generate_with_identity_policy(smollm2, identity_dir):
+    """Padding reaches the installed attention through the mask interface, in prefill and decode:
+    a left-padded batch generates what the original model generates."""
+    from surgeon.generation.hf import apply, remove
+
+    hf, tok = smollm2.module.hf, smollm2.tokenizer
+    rows = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    n = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
+    am = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+    kw = dict(attention_mask=am, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+    with torch.no_grad():
+        ref = hf.generate(ids, **kw)
+        try:
+            apply(hf, identity_dir)
+            got = hf.generate(ids, **kw)
+        finally:
+            remove(hf)
+    assert torch.equal(got, ref)
