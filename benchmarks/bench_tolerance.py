@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-samples", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--suffix", default="")
+    ap.add_argument("--no-frontier-timing", action="store_true", help="skip timing every checked point")
+    ap.add_argument("--bench-repeats", type=int, default=2)
     a = ap.parse_args(argv)
     import torch
 
@@ -76,7 +78,11 @@ def main(argv=None) -> int:
                     report=None, force=True, progress=None)
         timings["profile_s"] = time.perf_counter() - t0
     lengths = [int(x) for x in a.lengths.split(",") if x]
-    opts = {"families": tuple(a.families.split(","))} if a.families else None
+    opts: dict = {"bench_repeats": a.bench_repeats}
+    if a.families:
+        opts["families"] = tuple(a.families.split(","))
+    if a.no_frontier_timing:
+        opts["frontier_timing"] = False
     out_dir = Path(tempfile.mkdtemp()) / "rw"
     t0 = time.perf_counter()
     rep = api.rewrite(lm, profile=prof_path, out=out_dir, tolerance=a.tolerance, lengths=lengths,
@@ -85,14 +91,16 @@ def main(argv=None) -> int:
     pol = Policy.load(out_dir / "policy.json")
     rec = pol.planner or {}
     prof = Profile.load(prof_path)
-    settings = ToleranceSettings(tolerance=a.tolerance, lengths=tuple(lengths), **(opts or {}))
+    settings = ToleranceSettings(tolerance=a.tolerance, lengths=tuple(lengths), **opts)
     # iso-quality table: every family's best validation point, measured on held-out text
     heldout = {n: load_calibration(None, lm, a.eval_samples, n, split="heldout") for n in lengths}
     dense_mod = cap.program.module()
     table = []
     for c in rec.get("candidates", []):
         row = dict(c)
-        if c.get("knob") is not None and c.get("speedup") is not None:
+        if c["family"] == rec.get("chosen"):  # the gate measured the chosen point already
+            row["heldout"] = {str(g["seq_len"]): g["loss"] for g in rep.get("gate", [])}
+        elif c.get("knob") is not None and c.get("speedup") is not None:
             _say(f"held-out check of {c['family']} {c['knob']}")
             fp = family_policy(c["family"], c["knob"], prof, cap, lm, lengths[-1], settings)
             mod = rewrite(cap, fp).program.module()

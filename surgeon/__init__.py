@@ -2,7 +2,8 @@
 
 The public API (``surgeon.load``, ``surgeon.capture``, ``surgeon.inspect``, ``surgeon.variants``,
 ``surgeon.profile``, ``surgeon.plan``, ``surgeon.rewrite``, ``surgeon.evaluate``, ``surgeon.export``,
-``surgeon.build``, ``surgeon.bench``) is imported lazily so ``import surgeon`` does no work.
+``surgeon.build``, ``surgeon.bench``, ``surgeon.apply``,
+``surgeon.generate``) is imported lazily so ``import surgeon`` does no work.
 
 No submodule shares a name with an API function (the implementation lives in
 ``surgeon.attention``, ``surgeon.exporters``, ``surgeon.build_stages``, ``surgeon.benchmark``), so
@@ -16,7 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {"load", "capture", "inspect", "variants", "profile", "plan", "rewrite", "evaluate", "export", "build", "bench",
-        "load_rewritten"}
+        "load_rewritten", "apply", "generate"}
 # ``build`` sits above the API (it calls profile/rewrite/export); everything else is in surgeon.api
 _HOME = {"build": "surgeon.build_stages"}
 

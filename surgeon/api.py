@@ -492,3 +492,150 @@ def tune(model: LoadedModel | Captured | str, variant: str, *, data: Optional[st
             o, side = _tune.write_outputs(res, Path(out), force=force)
             doc["out"], doc["sidecar"] = str(o), str(side)
     return doc
+
+
+# --------------------------------------------------------------------------- generation
+
+def apply(model: Any, policy_or_rewrite_dir: Any, *, verify: bool = True):
+    """Install a surgeon policy (a Policy, a policy.json or a `surgeon rewrite` folder) into a live
+    transformers model through its attention and attention-mask interfaces, so that
+    ``model.generate()`` runs it with transformers' caches; returns the model. Prefill runs each
+    site's policy variant (logits equal the rewritten program's); decode steps run each site's
+    decode mode (default dense over the cache). See :mod:`surgeon.generation.hf`."""
+    from surgeon.generation.hf import apply as _apply
+
+    return _apply(model, policy_or_rewrite_dir, verify=verify)
+
+
+def _prompt_ids(tokenizer: Any, prompt: Optional[str], prompt_ids: Optional[list[int]], chat: bool) -> list[int]:
+    from surgeon.errors import BadInput, UnsupportedModel
+
+    if (prompt is None) == (prompt_ids is None):
+        raise BadInput("give exactly one of a prompt text and prompt token ids", "pass --prompt TEXT or --prompt-file F")
+    if prompt_ids is not None:
+        return [int(i) for i in prompt_ids]
+    if tokenizer is None:
+        raise UnsupportedModel("the model has no tokenizer", "give a text model (or prompt token ids)")
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(prompt)["input_ids"]]
+
+
+def generate(model_or_dir: Any = DEFAULT_MODEL, prompt: Optional[str] = None, *,
+             prompt_ids: Optional[list[int]] = None, max_new_tokens: int = 64, temperature: float = 0.0,
+             seed: int = 0, policy: Any = None, onnx: Optional[Path | str] = None, stop_at_eos: bool = True,
+             chat: bool = False):
+    """Generate text with a KV cache; returns a :class:`surgeon.generation.loop.GenerationResult`.
+
+    MODEL_OR_DIR: a model (alias, file, folder; or a loaded :class:`LoadedModel`) — dense, or with
+    ``policy`` (a Policy, policy.json or rewrite folder) installed — or a folder written by
+    ``surgeon rewrite``: its source model is loaded, its fingerprint checked and its policy
+    installed (:func:`apply`). Prefill runs each site's policy variant, each decode step its
+    decode mode. Greedy at ``temperature`` 0, else sampling seeded by ``seed``. ``onnx``: run the
+    loop in onnxruntime on an export with a KV cache instead (the model still gives the tokenizer).
+    Nothing is written to disk.
+    """
+    from surgeon.errors import ArtifactMismatch, BadInput, UnsupportedModel
+    from surgeon.generation import loop
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise BadInput(f"--max-new-tokens {max_new_tokens} must be a positive integer", "give at least 1")
+    src_dir: Optional[Path] = None
+    if isinstance(model_or_dir, (str, Path)) and Path(model_or_dir).is_dir() and (Path(model_or_dir) / "rewrite.json").is_file():
+        if policy is not None:
+            raise BadInput(f"{model_or_dir} is a rewrite folder and already carries its policy", "drop the extra policy")
+        src_dir = Path(model_or_dir)
+    if onnx is not None:
+        return _generate_onnx(model_or_dir, src_dir, Path(onnx), prompt, prompt_ids, max_new_tokens, temperature,
+                              seed, chat)
+    if src_dir is not None:
+        from surgeon.generation.hf import resolve
+
+        pol, _sites, source = resolve(src_dir)
+        lm = _load(source)
+        if lm.fingerprint() != pol.model_fingerprint:
+            raise ArtifactMismatch(f"{src_dir} was made from a different {source} than the one installed",
+                                   "re-run `surgeon rewrite` for the installed model")
+        policy, label = src_dir, str(src_dir)
+    else:
+        lm = _load(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir
+        label = "dense" if policy is None else str(getattr(policy, "source", "") or policy)
+    if not isinstance(lm, LoadedModel):
+        raise BadInput(f"generate needs a model name, a rewrite folder or a LoadedModel, got {type(lm).__name__}",
+                       "pass a model alias or a folder written by `surgeon rewrite`")
+    if lm.kind != "causal-lm":
+        raise UnsupportedModel(f"{lm.name} is a{'n' if lm.kind[0] in 'aeiou' else ''} {lm.kind} model, not a causal "
+                               "language model", "generate needs a decoder (causal LM), e.g. smollm2-135m")
+    ids = _prompt_ids(lm.tokenizer, prompt, prompt_ids, chat)
+    loop.check_request(len(ids), max_new_tokens, lm.max_positions, temperature)
+    hf = lm.module.hf
+    from surgeon.generation.hf import apply as _apply, remove as _remove
+
+    if policy is not None and src_dir is None:
+        from surgeon.generation.hf import resolve
+
+        pol_obj = resolve(policy)[0]
+        if pol_obj.model_fingerprint and pol_obj.model_fingerprint != lm.fingerprint():
+            raise ArtifactMismatch(f"the policy was made for a different model than {lm.name} (fingerprint mismatch)",
+                                   "give a policy made for this model, or re-run `surgeon rewrite` for it")
+        policy = pol_obj
+    try:
+        if policy is not None:
+            _apply(hf, policy, verify=False)
+        return loop.run(hf, lm.tokenizer, ids, max_new_tokens, max_positions=lm.max_positions,
+                        temperature=temperature, seed=seed, stop_at_eos=stop_at_eos, model=lm.name, policy=label)
+    finally:
+        if policy is not None:
+            _remove(hf)
+
+
+def _generate_onnx(model_or_dir: Any, src_dir: Optional[Path], export_dir: Path, prompt: Optional[str],
+                   prompt_ids: Optional[list[int]], max_new_tokens: int, temperature: float, seed: int, chat: bool):
+    """``surgeon generate --onnx``: tokenise here, run the loop of :mod:`surgeon.generation.onnx_loop`."""
+    import importlib
+    import importlib.util
+
+    from surgeon.errors import BadInput
+    from surgeon.generation import loop
+
+    if importlib.util.find_spec("surgeon.generation.onnx_loop") is None:
+        raise BadInput(f"ONNX generation needs an export with a KV cache, and this surgeon cannot run one ({export_dir})",
+                       "generate with PyTorch (drop --onnx)")
+    tok, maxpos, name = None, 0, str(model_or_dir)
+    if src_dir is not None and (src_dir / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        from surgeon.passes.rewrite import RewriteManifest
+
+        tok = AutoTokenizer.from_pretrained(str(src_dir / "tokenizer"))
+        man = RewriteManifest.load(src_dir / "rewrite.json")
+        maxpos, name = man.max_positions, man.model
+    elif prompt is not None:
+        lm = _load(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir
+        tok, maxpos, name = lm.tokenizer, lm.max_positions, lm.name
+    ids = _prompt_ids(tok, prompt, prompt_ids, chat)
+    loop.check_request(len(ids), max_new_tokens, maxpos, temperature)
+    onnx_loop = importlib.import_module("surgeon.generation.onnx_loop")
+    res = onnx_loop.generate_onnx(export_dir, ids, max_new_tokens, temperature, seed)
+    if isinstance(res, loop.GenerationResult):
+        return res
+    d = dict(res) if isinstance(res, dict) else {"token_ids": list(res)}
+    new = [int(i) for i in d.pop("token_ids")]
+    text = d.pop("text", None)
+    if text is None:
+        text = tok.decode(new, skip_special_tokens=True) if tok is not None else ""
+    known = set(loop.GenerationResult.__dataclass_fields__)
+    base = {"ttft_s": 0.0, "decode_s": 0.0, "decode_tokens_per_s": 0.0, "stop": "length"}
+    base.update({k: v for k, v in d.items() if k in known})
+    extra = {k: v for k, v in d.items() if k not in known}
+    return loop.GenerationResult(text=text, token_ids=new, prompt_tokens=len(ids), new_tokens=len(new),
+                                 backend="onnxruntime", model=name, policy=str(export_dir),
+                                 temperature=float(temperature), seed=int(seed), extra=extra,
+                                 **{k: v for k, v in base.items() if k not in ("text", "token_ids", "prompt_tokens",
+                                                                                "new_tokens", "backend", "model",
+                                                                                "policy", "temperature", "seed",
+                                                                                "extra")})

@@ -466,6 +466,50 @@ def tune(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     out.print(f"recipe → {doc['out']}   search → {doc['sidecar']}")
 
 
+@app.command()
+@guarded
+def generate(model_or_dir: str = typer.Argument(..., metavar="MODEL_OR_DIR",
+                                                help="a causal LM (dense) or a folder from `surgeon rewrite` "
+                                                     "(its source model with its policy installed)"),
+             prompt: Optional[str] = typer.Option(None, "--prompt", help="the prompt text"),
+             prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="read the prompt from a UTF-8 file"),
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens to generate (stops earlier at "
+                                                "end of sequence)"),
+             temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sample from "
+                                               "softmax(logits / T)"),
+             seed: int = typer.Option(0, "--seed", help="sampling seed (same seed, same tokens)"),
+             onnx: Optional[Path] = typer.Option(None, "--onnx", metavar="EXPORT_DIR",
+                                                 help="run the loop in onnxruntime on an export with a KV cache"),
+             chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the tokenizer's chat template"),
+             ignore_eos: bool = typer.Option(False, "--ignore-eos", help="always generate --max-new-tokens tokens"),
+             json_out: bool = typer.Option(False, "--json", help="print text, token ids, time to first token and "
+                                           "decode tokens/s as one JSON object")) -> None:
+    """Generate text with a KV cache: prefill runs each site's policy variant, decode each site's decode mode."""
+    from surgeon import api
+    from surgeon.errors import BadInput
+
+    if (prompt is None) == (prompt_file is None):
+        raise BadInput("give exactly one of --prompt and --prompt-file", "pass --prompt TEXT or --prompt-file F")
+    if max_new_tokens <= 0:
+        raise BadInput(f"--max-new-tokens {max_new_tokens} must be a positive integer", "give at least 1")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"cannot read --prompt-file {prompt_file} ({type(e).__name__})",
+                           "give a readable UTF-8 text file") from e
+    with _status(f"generating with {model_or_dir}"):
+        res = api.generate(model_or_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                           onnx=onnx, chat=chat, stop_at_eos=not ignore_eos)
+    if json_out:
+        print(json.dumps(res.to_dict(), indent=2))
+        return
+    print(res.text)
+    err.print(f"{res.prompt_tokens} prompt tokens, {res.new_tokens} new ({res.stop}) on {res.backend}: "
+              f"time to first token {res.ttft_s:.3f} s, decode {res.decode_tokens_per_s:.1f} tokens/s",
+              markup=False, highlight=False)
+
+
 def _terminated(signum: int, frame: Any) -> None:
     """SIGTERM (a CI timeout, torchrun stopping a job) unwinds like Ctrl-C: temporaries are removed,
     locks released, the previous output left as it was; exit 2 "interrupted"."""

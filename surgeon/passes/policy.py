@@ -5,7 +5,7 @@ import fnmatch
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from surgeon.artifacts import Artifact
 from surgeon.errors import BadInput
@@ -17,10 +17,20 @@ class Modulator(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class DecodeSpec(BaseModel):
+    """A site's decode mode (what each generation step runs against the KV cache): ``mode`` is a
+    name in :data:`surgeon.generation.decode.DECODE_MODES` (``dense``, ``token_select``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: str = "dense"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class SiteChoice(BaseModel):
     """One site's choice. ``block_mask_from`` names the anchor site whose block mask a
     consumer variant (``reuse``, ``delta_sparse``) reads; ``modulators`` are modulated variants
-    composed onto this site's variant."""
+    composed onto this site's variant; ``decode`` the decode mode of generation steps (None:
+    dense over the cache; omitted from the JSON when None, so older policies keep their bytes)."""
 
     model_config = ConfigDict(extra="forbid")
     variant: str
@@ -30,6 +40,35 @@ class SiteChoice(BaseModel):
     reason: str = ""
     # shorter inputs (keys) run dense: measured crossover of this configuration (None: always sparse)
     dense_below: Optional[int] = None
+    decode: Optional[DecodeSpec] = None
+
+    @model_serializer(mode="wrap")
+    def _omit_default_decode(self, handler: Any) -> dict[str, Any]:
+        d = handler(self)
+        if isinstance(d, dict) and d.get("decode") is None:
+            d.pop("decode", None)
+        return d
+
+
+def decode_spec_from(raw: Any, where: str) -> Optional[DecodeSpec]:
+    """A recipe's ``decode:`` entry (a mode name or ``{mode: NAME, params: {...}}`` / ``{mode: NAME,
+    **params}``) → a validated :class:`DecodeSpec`."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"mode": raw}
+    if not isinstance(raw, dict) or "mode" not in raw:
+        raise BadInput(f"recipe entry '{where}' has a decode entry without a mode",
+                       "write decode: {mode: token_select, params: {...}} (or decode: dense)")
+    raw = dict(raw)
+    mode = raw.pop("mode")
+    params = dict(raw.pop("params", None) or {})
+    params.update(raw)
+    spec = DecodeSpec(mode=str(mode), params=params)
+    from surgeon.generation.decode import mode_from_spec
+
+    mode_from_spec(spec, where)  # validates the mode and its parameters
+    return spec
 
 
 class Policy(Artifact):
@@ -175,7 +214,9 @@ def check_recipe(recipe: Any) -> None:
 
 def policy_from_recipe(recipe: dict[str, Any], fingerprint: str, site_names: list[str],
                        base: Optional[Policy] = None) -> Policy:
-    """Apply a recipe ``{glob: {variant: NAME, ...params, modulators: [...], block_mask_from: SITE}}``.
+    """Apply a recipe ``{glob: {variant: NAME, ...params, modulators: [...], block_mask_from: SITE,
+    decode: {mode: NAME, params: {...}}}}`` (``decode``: the sites' decode mode for generation; an
+    entry with ``decode`` alone sets the decode mode and keeps each matched site's variant).
 
     Later globs override earlier ones; sites matched by no glob keep ``base`` (or dense).
     A glob that matches no site is an error naming the sites.
@@ -187,6 +228,15 @@ def policy_from_recipe(recipe: dict[str, Any], fingerprint: str, site_names: lis
     for glob, spec in recipe.items():
         if isinstance(spec, str):
             spec = {"variant": spec}
+        if isinstance(spec, dict) and set(spec) == {"decode"}:  # a decode mode only: keep each site's variant
+            dec = decode_spec_from(spec["decode"], glob)
+            matched = match_sites(glob, site_names)
+            if not matched:
+                shown = ", ".join(site_names[:3]) + (", …" if len(site_names) > 3 else "")
+                raise BadInput(f"recipe glob '{glob}' matches no site", f"site names look like: {shown}")
+            for n in matched:
+                sites[n] = sites[n].model_copy(update={"decode": dec})
+            continue
         if not isinstance(spec, dict) or "variant" not in spec:
             raise BadInput(f"recipe entry '{glob}' has no variant", f"valid variants: {', '.join(sorted(VARIANTS))}")
         spec = dict(spec)
@@ -208,9 +258,10 @@ def policy_from_recipe(recipe: dict[str, Any], fingerprint: str, site_names: lis
                                f"valid variants: {', '.join(sorted(VARIANTS))}")
             mods.append(Modulator(variant=mv, params={k: v for k, v in m.items() if k != "variant"}))
         bmf = spec.pop("block_mask_from", None)
+        dec = decode_spec_from(spec.pop("decode", None), glob)
         for n in matched:
             sites[n] = SiteChoice(variant=variant, params=spec, block_mask_from=bmf, modulators=mods,
-                                  reason=f"recipe:{glob}")
+                                  reason=f"recipe:{glob}", decode=dec)
     return Policy(model_fingerprint=fingerprint, source="recipe", sites=sites)
 
 
