@@ -70,11 +70,17 @@ def make_policy(lm: LoadedModel, cap: Captured, *, profile: Optional[Path | str]
 
 
 def check_rewrite_inputs(profile: Optional[Path | str] = None, budget: Optional[float] = None,
-                         recipe: Optional[Path | str | dict] = None) -> None:
+                         recipe: Optional[Path | str | dict] = None, eval_seq_len: int = 1024,
+                         eval_samples: int = 2) -> None:
     """What `surgeon rewrite` can refuse before loading the model: the budget's range, the
-    profile (a readable profile artifact) and the recipe (structure, variants, parameter types)."""
+    profile (a readable profile artifact), the recipe (structure, variants, parameter types) and
+    the fidelity-measurement counts."""
     from surgeon.errors import BadInput
     from surgeon.passes.policy import check_recipe, load_recipe
+
+    for name, v in (("--eval-seq-len", eval_seq_len), ("--eval-samples", eval_samples)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BadInput(f"{name} {v} must be a positive integer", f"give e.g. {name} 2")
 
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not (0.0 < float(budget) <= 1.0)):
@@ -104,7 +110,7 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
     from surgeon.profiles.data import load_calibration
 
     out = Path(out or "rewritten")  # checked and locked by @holds
-    check_rewrite_inputs(profile, budget, recipe)  # before the model loads
+    check_rewrite_inputs(profile, budget, recipe, eval_seq_len, eval_samples)  # before the model loads
     step = progress or (lambda msg: None)
     step("loading model")
     lm = _load(model) if isinstance(model, str) else model
