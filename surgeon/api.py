@@ -71,11 +71,17 @@ def make_policy(lm: LoadedModel, cap: Captured, *, profile: Optional[Path | str]
 
 
 def check_rewrite_inputs(profile: Optional[Path | str] = None, budget: Optional[float] = None,
-                         recipe: Optional[Path | str | dict] = None) -> None:
+                         recipe: Optional[Path | str | dict] = None, eval_seq_len: int = 1024,
+                         eval_samples: int = 2) -> None:
     """What `surgeon rewrite` can refuse before loading the model: the budget's range, the
-    profile (a readable profile artifact) and the recipe (structure, variants, parameter types)."""
+    profile (a readable profile artifact), the recipe (structure, variants, parameter types) and
+    the fidelity-measurement counts."""
     from surgeon.errors import BadInput
     from surgeon.passes.policy import check_recipe, load_recipe
+
+    for name, v in (("--eval-seq-len", eval_seq_len), ("--eval-samples", eval_samples)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise BadInput(f"{name} {v} must be a positive integer", f"give e.g. {name} 2")
 
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not (0.0 < float(budget) <= 1.0)):
@@ -130,12 +136,7 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
             settings = ToleranceSettings(tolerance=T, lengths=tuple(int(n) for n in lengths), **(plan_options or {}))
         except TypeError as e:
             raise BadInput(f"unknown planner option ({e})", "see surgeon.profiles.tolerance.ToleranceSettings") from e
-    if mode != "tolerance":
-        check_rewrite_inputs(profile, budget, recipe)  # before the model loads
-    else:
-        from surgeon.profiles.profile_doc import Profile
-
-        Profile.load(profile)  # readable and valid before the model loads (its model is checked below)
+    check_rewrite_inputs(profile, budget, recipe, eval_seq_len, eval_samples)  # before the model loads
     if recipe is not None and not isinstance(recipe, dict):
         from surgeon.passes.policy import load_recipe
 

@@ -167,7 +167,10 @@ def check_target(path: PathLike, kind: str, *, force: bool = False, inputs: Iter
     raw = os.fspath(path)
     if not raw or "\x00" in raw:
         raise BadInput(f"{option} {raw!r} is not a usable path", "give a file or folder name")
-    p = _abs(path)
+    try:
+        p = _abs(path)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{option} {raw!r} is not a usable path ({e})", "give a file or folder name") from None
     if not p.name or len(p.name.encode()) > 255:
         raise BadInput(f"{option} {raw} is not a usable output name", "give a file or folder name")
     cwd = Path.cwd().resolve()
@@ -358,7 +361,10 @@ class Output:
     def __init__(self, path: PathLike, kind: str, *, force: bool = False, folder: Optional[bool] = None,
                  inputs: Iterable[Optional[PathLike]] = (), option: str = "--out", own: bool = False) -> None:
         self.own = own
-        self.path = _abs(path) if os.fspath(path) else Path(os.fspath(path))
+        try:
+            self.path = _abs(path)
+        except (OSError, ValueError):  # e.g. an embedded NUL: check() reports it
+            self.path = Path(os.fspath(path).replace("\x00", "?"))
         self.raw = path
         self.kind = kind
         self.force = force

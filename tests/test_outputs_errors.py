@@ -144,3 +144,23 @@ def test_profile_data_checked_before_the_model_loads(tmp_path):
     only_error_line(run("profile", NO_MODEL, "--data", tmp_path / "b.txt", "--out", tmp_path / "p.json"),
                     "not UTF-8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.txt", "e.txt"]
+
+
+def test_output_name_with_nul_byte(tmp_path):
+    from surgeon import api
+    from surgeon.errors import BadInput
+
+    (tmp_path / "r.yaml").write_text('"*": dense\n')  # the CLI's usage check refuses NUL itself (exit 2)
+    with pytest.raises(BadInput, match="not a usable path"):
+        api.rewrite(NO_MODEL, recipe=tmp_path / "r.yaml", out=str(tmp_path / "a\x00b"))
+    with pytest.raises(BadInput, match="not a usable path"):
+        api.profile(NO_MODEL, out="p\x00.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+@pytest.mark.parametrize("flag", ["--eval-samples", "--eval-seq-len"])
+def test_rewrite_eval_counts_before_the_model_loads(tmp_path, flag):
+    (tmp_path / "r.yaml").write_text('"*": dense\n')
+    only_error_line(run("rewrite", NO_MODEL, "--recipe", tmp_path / "r.yaml", flag, "0", "--out", tmp_path / "rw"),
+                    f"{flag} 0 must be a positive integer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]

@@ -58,3 +58,34 @@ def test_a_failed_build_leaves_no_out_folder(tmp_path, recipe):
     r = run("build", "--recipe", tmp_path / "b.yaml", "--out", tmp_path / "out" / "build")
     assert r.exit_code == 2, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.yaml"]
+
+
+BUILD = ("model: minilm-l6\nsamples: 1\nseq_len: 64\nblock_size: 16\nbudget: 1.0\neval_seq_len: 64\n"
+         "eval_samples: 1\nverify: false\n")
+
+
+def test_build_failing_in_its_last_stage_leaves_no_out_then_builds_and_caches(tmp_path, monkeypatch):
+    import surgeon.exporters.pipeline as pipeline
+
+    (tmp_path / "b.yaml").write_text(BUILD)
+    real = pipeline.export_rewritten
+
+    def broken(*a, **k):
+        raise BadInput("export refused (injected)")
+
+    monkeypatch.setattr(pipeline, "export_rewritten", broken)
+    r = run("build", "--recipe", tmp_path / "b.yaml", "--out", tmp_path / "out")
+    assert r.exit_code == 2 and "injected" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.yaml"]  # profile and rewrite went with it
+    monkeypatch.setattr(pipeline, "export_rewritten", real)
+    r = run("build", "--recipe", tmp_path / "b.yaml", "--out", tmp_path / "out", "--json")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["onnx", "profile.json", "report.html", "rewritten", "state.json",
+                                                     "summary.json"]
+    r = run("build", "--recipe", tmp_path / "b.yaml", "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert [s["status"] for s in json.loads(r.stdout)["stages"]] == ["cached"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.yaml", "out"]  # no lock or temporaries left
