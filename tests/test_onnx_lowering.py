@@ -290,6 +290,8 @@ def _extra_params():
         "token_topk": {"n_init": 2, "n_local": 3, "top_k": 0, "keep": 0.25, "chunk": 5},
         "knn": {"top_k": 5, "context_token": False},
         "dhsa": {"chunk": 4, "budget_tokens": 10, "sink_chunks": 0, "local_chunks": 2},
+        "block_topp": {"p": 0.7, "head_p": [0.3, 0.5, 0.7, 0.9, 0.95, 1.0], "block_size": 4, "stride": 3,
+                       "sink_blocks": 0, "local_blocks": 2, "min_blocks": 3, "max_fraction": 0.8, "dense_below": 9},
     }
     return [(n, d) for n, d in sorted(cases.items()) if n in VARIANTS]
 

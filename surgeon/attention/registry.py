@@ -24,6 +24,7 @@ VARIANTS: dict[str, str] = {
     "pyramid": "surgeon.attention.pyramid:Pyramid",
     "knn": "surgeon.attention.knn:KNN",
     "routing": "surgeon.attention.routing:Routing",
+    "block_topp": "surgeon.attention.block_topp:BlockTopP",
 }
 
 

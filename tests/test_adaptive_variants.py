@@ -1,0 +1,262 @@
+"""Adaptive sparse variants (issue 14 item 3): block_topp, head_hybrid, token_topp, vertical_slash.
+
+The shared matrix (tests/test_variant_matrix.py, test_onnx_lowering.py) covers degenerate = dense,
+causality, fast = reference and ONNX = op for every registered variant; here: brute-force checks of
+each selection rule as written in the variant's docstring, the properties that make them adaptive,
+parameter validation and the recorded densities.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from surgeon.attention import AttnContext, get_variant, recording, use_impl
+from surgeon.attention.base import encode_config
+from surgeon.attention.block_topk import BlockTopK, BlockTopKParams
+from surgeon.attention.block_topp import BlockTopP, BlockTopPParams, estimate_block_mass
+from surgeon.attention.dense import Dense
+from surgeon.attention.ops import op_for
+from surgeon.attention.registry import VARIANTS
+from surgeon.errors import BadInput
+
+
+def _qkv(b=2, hq=6, hkv=2, nq=80, nk=None, d=8, seed=0, dtype=torch.float64):
+    nk = nq if nk is None else nk
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=g, dtype=dtype)
+    k = torch.randn(b, hkv, nk, d, generator=g, dtype=dtype)
+    v = torch.randn(b, hkv, nk, d, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _pad(b, n, left=(0, 9)):
+    m = torch.ones(b, n, dtype=torch.bool)
+    for i, L in enumerate(left[:b]):
+        m[i, :L] = False
+    return m
+
+
+def _ctx(causal, kv=2, padding=None, d=8, attn_mask=None):
+    return AttnContext(causal=causal, scale=d ** -0.5, kv_heads=kv, key_padding=padding, attn_mask=attn_mask)
+
+
+# ----------------------------------------------------------------------------- block_topp
+
+def _brute_mass(q, k, ctx, bs, stride):
+    """The estimator by loops: sampled rows, softmax over visible real keys, block sums, mean."""
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
+    off = nk - nq
+    kp = ctx.key_padding if ctx.key_padding is not None else torch.ones(b, nk, dtype=torch.bool)
+    mass = torch.zeros(b, hq, nqb, nkb, dtype=torch.float64)
+    live = torch.zeros(b, nqb, dtype=torch.bool)
+    for bi in range(b):
+        for qb in range(nqb):
+            if ctx.causal:
+                rows = [qb * bs - t * stride for t in range(math.ceil(bs / stride)) if qb * bs - t * stride >= 0]
+            else:
+                rows = [qb * bs + t * stride for t in range(math.ceil(bs / stride))
+                        if qb * bs + t * stride < min(qb * bs + bs, nq)]
+            if ctx.causal or nq == nk:
+                rows = [r for r in rows if bool(kp[bi, off + r])]
+            used = 0
+            acc = torch.zeros(hq, nkb, dtype=torch.float64)
+            for r in rows:
+                vis = [j for j in range(nk) if bool(kp[bi, j]) and (not ctx.causal or j <= off + r)]
+                if not vis:
+                    continue
+                used += 1
+                for h in range(hq):
+                    z = (k[bi, h // (hq // hkv), vis].double() @ q[bi, h, r].double()) * ctx.scale
+                    pr = torch.softmax(z, 0)
+                    for j, pj in zip(vis, pr):
+                        acc[h, j // bs] += float(pj)
+            if used:
+                mass[bi, :, qb] = acc / used
+                live[bi, qb] = True
+    return mass, live
+
+
+def _brute_topp(q, k, ctx, p: BlockTopPParams):
+    b, hq, nq, _ = q.shape
+    nk = k.shape[2]
+    bs = p.block_size
+    nqb, nkb = math.ceil(nq / bs), math.ceil(nk / bs)
+    off = nk - nq
+    kp = ctx.key_padding if ctx.key_padding is not None else torch.ones(b, nk, dtype=torch.bool)
+    mass, live = _brute_mass(q, k, ctx, bs, p.stride)
+    ph = p.head_p or (p.p,) * hq
+    out = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hq):
+            for qb in range(nqb):
+                first, last = off + qb * bs, off + min((qb + 1) * bs, nq) - 1
+                diag = min(max(last // bs, 0), nkb - 1)
+                allowed = [kb for kb in range(nkb) if (not ctx.causal or kb * bs <= last)]
+                forced = [kb for kb in allowed if kb < p.sink_blocks or diag - p.local_blocks < kb <= diag
+                          or (ctx.causal and min(kb * bs + bs, nk) - 1 > first)]
+                cands = [kb for kb in allowed if kb not in forced and bool(kp[bi, kb * bs:(kb + 1) * bs].any())]
+                m = mass[bi, h, qb]
+                order = sorted(cands, key=lambda kb: (-float(m[kb]), kb))
+                if ph[h] >= 1.0 or not live[bi, qb] or last < p.dense_below:
+                    chosen = order
+                else:
+                    covered = sum(float(m[kb]) for kb in forced)
+                    total = sum(float(m[kb]) for kb in allowed)
+                    chosen = []
+                    for kb in order:
+                        if covered >= ph[h] * total:
+                            break
+                        chosen.append(kb)
+                        covered += float(m[kb])
+                    lo = max(p.min_blocks, math.ceil(len(allowed) * p.min_fraction - 1e-9))
+                    hi = max(math.ceil(len(allowed) * p.max_fraction - 1e-9), len(forced))
+                    n = min(max(len(forced) + len(chosen), lo), hi) - len(forced)
+                    chosen = order[:max(n, 0)]
+                out[bi, h, qb, forced + chosen] = True
+    return out
+
+
+@pytest.mark.parametrize("causal,nq,nk,bs,stride", [(True, 40, 40, 8, 3), (False, 40, 40, 8, 3), (True, 37, 37, 8, 8),
+                                                     (False, 37, 37, 8, 8), (True, 20, 45, 8, 2)])
+def test_block_topp_estimator_matches_brute_force(causal, nq, nk, bs, stride):
+    q, k, _ = _qkv(b=2, nq=nq, nk=nk)
+    ctx = _ctx(causal, padding=_pad(2, nk))
+    mass, live = estimate_block_mass(q, k, ctx, bs, stride)
+    want_m, want_l = _brute_mass(q, k, ctx, bs, stride)
+    torch.testing.assert_close(mass, want_m, rtol=1e-9, atol=1e-12)
+    assert torch.equal(live[:, 0], want_l)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("params", [
+    dict(p=0.7, block_size=8, stride=3),
+    dict(p=0.5, head_p=(0.2, 0.4, 0.6, 0.8, 0.9, 1.0), block_size=8, stride=2, sink_blocks=0, local_blocks=2),
+    dict(p=0.3, block_size=8, stride=4, min_blocks=4, max_fraction=0.6, dense_below=20),
+    dict(p=0.9, block_size=8, stride=8, min_fraction=0.5),
+])
+def test_block_topp_selection_matches_brute_force(causal, params):
+    q, k, _ = _qkv(b=2, nq=56)
+    ctx = _ctx(causal, padding=_pad(2, 56))
+    p = BlockTopPParams(**params)
+    assert torch.equal(BlockTopP().select(q, k, ctx, p), _brute_topp(q, k, ctx, p))
+
+
+def _spike_inputs(n=64, d=8):
+    """One query direction; key block 2 holds one key aligned with it among 7 opposed keys (its
+    mean points away), every other key is orthogonal noise: a vertical stripe mean pooling hides."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.zeros(d, dtype=torch.float64)
+    u[0] = 1.0
+    q = (u * 6.0).expand(1, 1, n, d).clone() + 0.05 * torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    k = 0.3 * torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    k[..., 0] = 0.0
+    k[0, 0, 16:24, 0] = -1.0
+    k[0, 0, 19, 0] = 4.0  # the spike
+    v = torch.randn(1, 1, n, d, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def test_block_topp_is_not_fooled_by_mean_pooling():
+    q, k, v = _spike_inputs()
+    ctx = _ctx(True, kv=1)
+    blk_topk = BlockTopK().select(q, k, ctx, BlockTopKParams(keep=0.3, block_size=8, sink_blocks=0, local_blocks=1))
+    blk_topp = BlockTopP().select(q, k, ctx, BlockTopPParams(p=0.8, block_size=8, stride=4, sink_blocks=0,
+                                                             local_blocks=1))
+    later = slice(4, 8)  # query blocks after the spike's block (not forced there)
+    assert not bool(blk_topk[0, 0, later, 2].any()), "mean pooling should miss the stripe (test premise)"
+    assert bool(blk_topp[0, 0, later, 2].all())
+    # and the kept set is small: the spike carries the mass, most other blocks are dropped
+    assert float(blk_topp[0, 0, later].sum(dim=-1).double().mean()) <= 3.0
+    dense = Dense().reference(q, k, v, ctx, Dense.Params())
+    out, _ = BlockTopP().reference(q, k, v, ctx, BlockTopPParams(p=0.8, block_size=8, stride=4, sink_blocks=0))
+    err = float((out[:, :, 32:] - dense[:, :, 32:]).norm() / dense[:, :, 32:].norm())
+    assert err < 0.05, err
+
+
+def test_block_topp_budget_follows_p_and_heads():
+    q, k, v = _qkv(b=1, nq=96, dtype=torch.float32)
+    ctx = _ctx(True)
+    var = BlockTopP()
+    dens = [var.achieved_density(q, k, v, ctx, BlockTopPParams(p=x, block_size=8, stride=2))
+            for x in (0.3, 0.6, 0.9, 1.0)]
+    assert dens == sorted(dens) and dens[0] < dens[-1] == 1.0
+    # a larger p never drops a block a smaller p keeps (same ranking, longer prefix)
+    lo = var.select(q, k, ctx, BlockTopPParams(p=0.4, block_size=8, stride=2))
+    hi = var.select(q, k, ctx, BlockTopPParams(p=0.8, block_size=8, stride=2))
+    assert bool((lo <= hi).all()) and int(hi.sum()) > int(lo.sum())
+    # per-head p: the head with p=1 is dense over allowed blocks, the others are sparser
+    p = BlockTopPParams(p=0.5, head_p=(0.3, 0.3, 0.3, 0.3, 0.3, 1.0), block_size=8, stride=2)
+    sel = var.select(q, k, ctx, p)
+    assert int(sel[0, 5].sum()) == sum(i + 1 for i in range(12)) > int(sel[0, 0].sum())
+
+
+def test_block_topp_dense_below_and_budget_bounds():
+    q, k, v = _qkv(b=1, nq=96)
+    ctx = _ctx(True)
+    var = BlockTopP()
+    sel = var.select(q, k, ctx, BlockTopPParams(p=0.2, block_size=8, stride=4, dense_below=48))
+    # query blocks ending before position 48 keep every allowed block; later ones do not
+    for i in range(12):
+        if 8 * i + 7 < 48:
+            assert int(sel[0, :, i].sum(dim=-1).min()) == i + 1
+    assert int(sel[0, :, 11].sum(dim=-1).max()) < 12
+    sel = var.select(q, k, ctx, BlockTopPParams(p=0.05, block_size=8, stride=4, min_blocks=5))
+    assert int(sel[0, :, 4:].sum(dim=-1).min()) == 5
+    sel = var.select(q, k, ctx, BlockTopPParams(p=0.99, block_size=8, stride=4, max_fraction=0.25))
+    assert int(sel[0, :, 11].sum(dim=-1).max()) == 3  # ⌈0.25 · 12⌉
+
+
+def test_block_topp_density_recorded_and_params_validated():
+    q, k, v = _qkv(b=1, nq=96, dtype=torch.float32)
+    ctx = _ctx(True)
+    var = BlockTopP()
+    p = BlockTopPParams(p=0.6, block_size=16, stride=4)
+    want = var.achieved_density(q, k, v, ctx, p)
+    allow = torch.ones(96, 96, dtype=torch.bool).tril()
+    keep = var.keep_mask(q, k, v, ctx, p) & allow
+    assert want == pytest.approx(float(keep.sum()) / (6 * float(allow.sum())), rel=1e-9)
+    for mode in ("reference", "gather"):
+        with use_impl(mode), recording() as rec:
+            var.run(q, k, v, ctx, p)
+        assert len(rec.records) == 1 and rec.records[0]["achieved"] == pytest.approx(want, rel=1e-9)
+    for bad, name in ((dict(p=0.0), "p"), (dict(p=1.2), "p"), (dict(stride=0), "stride"),
+                      (dict(max_fraction=0.0), "max_fraction"), (dict(min_fraction=-0.1), "min_fraction"),
+                      (dict(head_p=()), "head_p"), (dict(head_p=(0.5, 1.5)), "head_p[1]")):
+        with pytest.raises(BadInput) as e:
+            BlockTopPParams(**bad)
+        assert str(e.value).startswith(name), str(e.value)
+    with pytest.raises(BadInput, match="query heads"):
+        var.select(q, k, ctx, BlockTopPParams(head_p=(0.5, 0.5)))
+    assert BlockTopPParams.from_dict(p.to_dict()) == p
+
+
+def _ort_run(name, p, causal, feeds, scale=0.35, kvh=2):
+    from surgeon.exporters import onnx_lowering as L
+
+    cfg = encode_config(name, p, {"kv_heads": kvh, "site": "t", "layer": 0})
+    proto = L.single_op_model(name, cfg, causal, scale, feeds)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})
+    with use_impl("reference"):
+        want = op_for(name)(feeds["q"], feeds["k"], feeds["v"], feeds.get("key_padding"), feeds.get("attn_mask"),
+                            causal, scale, cfg)
+    want = [w.numpy() for w in want] if isinstance(want, (tuple, list)) else [want.numpy()]
+    return got, want
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_topp_onnx_with_bool_attn_mask(causal):
+    """An explicit attn_mask takes the token-mask body; outputs and block masks equal the op."""
+    q, k, v = _qkv(b=2, nq=40, d=8, seed=4, dtype=torch.float32)
+    kp = _pad(2, 40, (0, 5))
+    am = torch.rand(2, 1, 40, 40, generator=torch.Generator().manual_seed(1)) > 0.2
+    feeds = {"q": q, "k": k, "v": v, "key_padding": kp, "attn_mask": am}
+    got, want = _ort_run("block_topp", BlockTopPParams(p=0.6, block_size=4, stride=2), causal, feeds)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=2e-5)
+    np.testing.assert_array_equal(got[1], want[1])
