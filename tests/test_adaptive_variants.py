@@ -260,3 +260,72 @@ def test_block_topp_onnx_with_bool_attn_mask(causal):
     got, want = _ort_run("block_topp", BlockTopPParams(p=0.6, block_size=4, stride=2), causal, feeds)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=2e-5)
     np.testing.assert_array_equal(got[1], want[1])
+
+
+# ----------------------------------------------------------------------------- head_hybrid
+
+from surgeon.attention.head_hybrid import HeadHybrid, HeadHybridParams  # noqa: E402
+from surgeon.attention.window_sink import WindowSink, WindowSinkParams  # noqa: E402
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sparse", ["block_topp", "block_topk"])
+def test_head_hybrid_each_group_equals_its_own_variant(causal, sparse):
+    """Three KV groups (dense, streaming, sparse): each group's heads equal the variant of that
+    kind run on the whole site, for the reference and the split fast path."""
+    q, k, v = _qkv(b=2, hq=6, hkv=3, nq=72, dtype=torch.float32, seed=5)
+    ctx = _ctx(causal, kv=3, padding=_pad(2, 72, (0, 6)))
+    p = HeadHybridParams(kinds=("dense", "streaming", "sparse"), sink_tokens=3, window=10, sparse=sparse, p=0.6,
+                         keep=0.3, block_size=8, stride=2)
+    want = torch.empty(2, 6, 72, 8)
+    want[:, 0:2] = Dense().reference(q, k, v, ctx, Dense.Params())[:, 0:2]
+    want[:, 2:4] = WindowSink().reference(q, k, v, ctx, WindowSinkParams(sink_tokens=3, window=10))[:, 2:4]
+    name, sp = p.sparse_params()
+    want[:, 4:6] = get_variant(name).reference(q, k, v, ctx, sp)[0][:, 4:6]
+    valid = ctx.key_padding[:, None, :, None].expand_as(want) if causal else torch.ones_like(want, dtype=torch.bool)
+    var = HeadHybrid()
+    for mode in ("reference", "split"):
+        with use_impl(mode):
+            got = var.run(q, k, v, ctx, p)
+        torch.testing.assert_close(got[valid], want[valid], rtol=2e-4, atol=2e-4, msg=mode)
+
+
+def test_head_hybrid_all_dense_kinds_and_density():
+    q, k, v = _qkv(b=1, hq=6, hkv=2, nq=64, dtype=torch.float32)
+    ctx = _ctx(True)
+    var = HeadHybrid()
+    dense = Dense().reference(q, k, v, ctx, Dense.Params())
+    for kinds in ((), ("dense",), ("dense", "dense")):
+        p = HeadHybridParams(kinds=kinds)
+        for mode in ("reference", "split"):
+            with use_impl(mode):
+                torch.testing.assert_close(var.run(q, k, v, ctx, p), dense, rtol=1e-5, atol=1e-5)
+        assert var.achieved_density(q, k, v, ctx, p) == 1.0
+    p = HeadHybridParams(kinds=("streaming", "sparse"), sink_tokens=2, window=8, p=0.5, block_size=8, stride=2)
+    d_stream = WindowSink().achieved_density(q, k, v, ctx, WindowSinkParams(sink_tokens=2, window=8))
+    _, sp = p.sparse_params()
+    sel = BlockTopP().select(q, k, ctx, sp)[:, 3:]
+    allow = torch.ones(64, 64, dtype=torch.bool).tril()
+    d_sparse = float((upsample(sel, 8) & allow).sum()) / (3 * float(allow.sum()))
+    assert var.achieved_density(q, k, v, ctx, p) == pytest.approx((d_stream + d_sparse) / 2, rel=1e-9)
+    with use_impl("split"), recording() as rec:
+        var.run(q, k, v, ctx, p)
+    assert rec.records[0]["achieved"] == pytest.approx((d_stream + d_sparse) / 2, rel=1e-9)
+
+
+def upsample(sel, bs):
+    from surgeon.kernels.blocksparse_cpu import upsample_block_mask
+
+    return upsample_block_mask(sel, sel.shape[2] * bs, sel.shape[3] * bs, bs, bs)
+
+
+def test_head_hybrid_rejects_bad_kinds():
+    with pytest.raises(BadInput, match=r"^kinds\[1\]='retrieval'"):
+        HeadHybridParams(kinds=("dense", "retrieval"))
+    with pytest.raises(BadInput, match="^sparse="):
+        HeadHybridParams(sparse="pyramid")
+    q, k, v = _qkv(b=1, hq=6, hkv=2, nq=32)
+    with pytest.raises(BadInput, match="3 entries but the site has 2 KV heads"):
+        HeadHybrid().reference(q, k, v, _ctx(True), HeadHybridParams(kinds=("dense", "dense", "sparse")))
+    p = HeadHybridParams(kinds=("dense", "streaming"))
+    assert HeadHybridParams.from_dict(p.to_dict()) == p

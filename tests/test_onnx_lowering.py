@@ -292,6 +292,8 @@ def _extra_params():
         "dhsa": {"chunk": 4, "budget_tokens": 10, "sink_chunks": 0, "local_chunks": 2},
         "block_topp": {"p": 0.7, "head_p": [0.3, 0.5, 0.7, 0.9, 0.95, 1.0], "block_size": 4, "stride": 3,
                        "sink_blocks": 0, "local_blocks": 2, "min_blocks": 3, "max_fraction": 0.8, "dense_below": 9},
+        "head_hybrid": {"kinds": ["sparse", "streaming"], "sparse": "block_topk", "keep": 0.3, "block_size": 4,
+                        "sink_tokens": 2, "window": 5, "sink_blocks": 0, "local_blocks": 1},
     }
     return [(n, d) for n, d in sorted(cases.items()) if n in VARIANTS]
 

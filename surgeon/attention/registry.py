@@ -25,6 +25,7 @@ VARIANTS: dict[str, str] = {
     "knn": "surgeon.attention.knn:KNN",
     "routing": "surgeon.attention.routing:Routing",
     "block_topp": "surgeon.attention.block_topp:BlockTopP",
+    "head_hybrid": "surgeon.attention.head_hybrid:HeadHybrid",
 }
 
 
