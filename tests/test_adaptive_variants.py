@@ -329,3 +329,96 @@ def test_head_hybrid_rejects_bad_kinds():
         HeadHybrid().reference(q, k, v, _ctx(True), HeadHybridParams(kinds=("dense", "dense", "sparse")))
     p = HeadHybridParams(kinds=("dense", "streaming"))
     assert HeadHybridParams.from_dict(p.to_dict()) == p
+
+
+# ----------------------------------------------------------------------------- token_topp
+
+from surgeon.attention.token_topk import selection_keep  # noqa: E402
+from surgeon.attention.token_topp import TokenTopP, TokenTopPParams, select_tokens_topp  # noqa: E402
+
+
+def _token_topp_brute(q, k, ctx, p):
+    """Per-chunk selection from the written rule (loops), bool [B, Nq, Nk]."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    off = nk - nq
+    real = ctx.key_padding if ctx.key_padding is not None else torch.ones(b, nk, dtype=torch.bool)
+    keep = torch.zeros(b, nq, nk, dtype=torch.bool)
+    for bi in range(b):
+        for r0 in range(0, nq, p.chunk):
+            r1 = min(nq, r0 + p.chunk)
+            s, e = off + r0, off + r1 - 1
+            if ctx.causal:
+                rows = range(max(0, r0 - p.chunk + 1), r0 + 1)
+                lim, end = s, e + 1
+            else:
+                rows = range(r0, r1)
+                lim = end = nk
+            rows = [i for i in rows if real[bi, off + i]]
+            qbar = q[bi, :, rows].mean(dim=1) if rows else torch.zeros(hq, d, dtype=q.dtype)
+            cands = [j for j in range(p.n_init, lim - p.n_local) if real[bi, j]]
+            sel = set(range(min(p.n_init, lim))) | set(range(max(min(p.n_init, lim), lim - p.n_local), end))
+            if cands:
+                c = torch.tensor(cands)
+                vote = torch.zeros(len(cands), dtype=torch.float64)
+                for h in range(hq):
+                    z = k[bi, h // g, c] @ qbar[h]
+                    vote += torch.softmax(z * ctx.scale if p.scaled else z, dim=0).double()
+                order = sorted(range(len(cands)), key=lambda t: (-float(vote[t]), cands[t]))
+                total, acc, n = float(vote.sum()), 0.0, 0
+                for t in order:
+                    if p.p < 1.0 and acc >= p.p * total:
+                        break
+                    acc += float(vote[t])
+                    n += 1
+                n = max(n, p.min_tokens)
+                n = min(n, p.max_tokens) if p.max_tokens else n
+                sel |= {cands[t] for t in order[:n]}
+            for j in sel:
+                keep[bi, r0:r1, j] = True
+    return keep
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("params", [dict(p=0.5), dict(p=0.8, scaled=False), dict(p=0.3, min_tokens=6, max_tokens=9),
+                                    dict(p=1.0)])
+def test_token_topp_selection_matches_brute_force(causal, params):
+    q, k, _ = _qkv(2, 6, 2, 90, d=8)
+    ctx = _ctx(causal, padding=_pad(2, 90, (0, 11)))
+    p = TokenTopPParams(n_init=3, n_local=10, chunk=16, **params)
+    got = selection_keep(select_tokens_topp(q, k, ctx, p), 90, 90, p.chunk)[:, 0]
+    assert torch.equal(got, _token_topp_brute(q, k, ctx, p))
+
+
+def test_token_topp_budget_follows_mass_and_decode_shape():
+    q, k, v = _qkv(1, 6, 2, 128, d=8, dtype=torch.float32)
+    ctx = _ctx(True)
+    var = TokenTopP()
+    dens = [var.achieved_density(q, k, v, ctx, TokenTopPParams(n_init=2, n_local=4, chunk=16, p=x))
+            for x in (0.2, 0.5, 0.8, 1.0)]
+    assert dens == sorted(dens) and dens[0] < dens[-1] == pytest.approx(1.0)
+    # a peaked vote needs fewer tokens for the same p: sharpen queries 8x
+    sharp = var.achieved_density(q * 8, k, v, ctx, TokenTopPParams(n_init=2, n_local=4, chunk=16, p=0.5))
+    assert sharp < dens[1]
+    # Nq < Nk and a single decode row: fast path equals the reference
+    q2, k2, v2 = _qkv(2, 6, 2, 37, nk=103, d=8, dtype=torch.float32)
+    ctx2 = _ctx(True, padding=_pad(2, 103, (0, 6)))
+    p = TokenTopPParams(n_init=4, n_local=9, p=0.6, chunk=16)
+    for qq in (q2, q2[:, :, -1:]):
+        with use_impl("reference"):
+            want = var.run(qq, k2, v2, ctx2, p)
+        with use_impl("gather"):
+            got = var.run(qq, k2, v2, ctx2, p)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    with use_impl("gather"), recording() as rec:
+        var.run(q, k, v, ctx, TokenTopPParams(n_init=2, n_local=4, chunk=16, p=0.5))
+    assert rec.records[0]["achieved"] == pytest.approx(dens[1], rel=1e-9)
+
+
+def test_token_topp_params_validated():
+    for bad, name in ((dict(p=0.0), "p="), (dict(min_tokens=-1), "min_tokens="), (dict(scaled="yes"), "scaled="),
+                      (dict(min_tokens=5, max_tokens=3), "min_tokens=5"), (dict(chunk=0), "chunk=")):
+        with pytest.raises(BadInput) as e:
+            TokenTopPParams(**bad)
+        assert str(e.value).startswith(name), str(e.value)

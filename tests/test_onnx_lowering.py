@@ -294,6 +294,8 @@ def _extra_params():
                        "sink_blocks": 0, "local_blocks": 2, "min_blocks": 3, "max_fraction": 0.8, "dense_below": 9},
         "head_hybrid": {"kinds": ["sparse", "streaming"], "sparse": "block_topk", "keep": 0.3, "block_size": 4,
                         "sink_tokens": 2, "window": 5, "sink_blocks": 0, "local_blocks": 1},
+        "token_topp": {"n_init": 2, "n_local": 3, "p": 0.6, "min_tokens": 2, "max_tokens": 9, "chunk": 5,
+                       "scaled": False},
     }
     return [(n, d) for n, d in sorted(cases.items()) if n in VARIANTS]
 
@@ -390,6 +392,7 @@ def test_pooled_bool_attn_mask_matches_op(name, params, causal):
 SELECT_CASES = [
     ("token_topk", {"n_init": 2, "n_local": 3, "top_k": 0, "keep": 0.25, "chunk": 5}),
     ("token_topk", {"n_init": 0, "n_local": 0, "top_k": 3, "chunk": 1}),
+    ("token_topp", {"n_init": 2, "n_local": 3, "p": 0.5, "min_tokens": 1, "chunk": 5}),
     ("knn", {"top_k": 3, "context_token": True}),
     ("knn", {"top_k": 0, "frac": 0.2, "context_token": False}),
     ("dhsa", {"chunk": 4, "budget_tokens": 10, "sink_chunks": 0, "local_chunks": 2}),

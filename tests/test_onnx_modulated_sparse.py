@@ -53,6 +53,7 @@ SPARSE = {
     "block_topp": {"p": 0.6, "block_size": 4, "stride": 2, "sink_blocks": 1, "local_blocks": 1},
     "head_hybrid": {"kinds": ["streaming", "sparse"], "sink_tokens": 2, "window": 6, "p": 0.6, "block_size": 4,
                     "stride": 2},
+    "token_topp": {"n_init": 2, "n_local": 4, "p": 0.6, "chunk": 8},
 }
 PRODUCER = {"reuse": "block_topk", "delta_sparse": "delta"}
 # Variants whose torch op refuses a modulated site (BadInput): the export must refuse it as well.

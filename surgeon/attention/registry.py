@@ -26,6 +26,7 @@ VARIANTS: dict[str, str] = {
     "routing": "surgeon.attention.routing:Routing",
     "block_topp": "surgeon.attention.block_topp:BlockTopP",
     "head_hybrid": "surgeon.attention.head_hybrid:HeadHybrid",
+    "token_topp": "surgeon.attention.token_topp:TokenTopP",
 }
 
 
