@@ -422,3 +422,113 @@ def test_token_topp_params_validated():
         with pytest.raises(BadInput) as e:
             TokenTopPParams(**bad)
         assert str(e.value).startswith(name), str(e.value)
+
+
+# ----------------------------------------------------------------------------- vertical_slash
+
+from surgeon.attention.vertical_slash import (  # noqa: E402
+    VerticalSlash,
+    VerticalSlashParams,
+    pattern_keep,
+    vs_pattern,
+)
+
+
+def _vs_brute(q, k, ctx, p):
+    """Token keep [B,Hq,Nq,Nk] by loops from the written rule."""
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    off = nk - nq
+    bs = p.block_size
+    kp = ctx.key_padding if ctx.key_padding is not None else torch.ones(b, nk, dtype=torch.bool)
+    keep = torch.zeros(b, hq, nq, nk, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(math.ceil(nq / bs)):
+                r0, r1 = i * bs, min(nq, (i + 1) * bs)
+                end = r0 if ctx.causal else r1 - 1
+                rows = [end - t for t in range(p.last_q) if end - t >= 0]
+                if ctx.causal or nq == nk:
+                    rows = [r for r in rows if bool(kp[bi, off + r])]
+                vs = torch.zeros(nk, dtype=torch.float64)
+                ss = {}
+                for r in rows:
+                    vis = [j for j in range(nk) if bool(kp[bi, j]) and (not ctx.causal or j <= off + r)]
+                    if not vis:
+                        continue
+                    z = (k[bi, h // (hq // hkv), vis] @ q[bi, h, r]) * ctx.scale
+                    for j, pj in zip(vis, torch.softmax(z, 0)):
+                        vs[j] += float(pj)
+                        ss[off + r - j] = ss.get(off + r - j, 0.0) + float(pj)
+                first, last = off + r0, off + r1 - 1
+                v_allow = [j for j in range(nk) if not ctx.causal or j <= first]
+                v_forced = [j for j in v_allow if j < p.sink_tokens]
+                v_cand = sorted((j for j in v_allow if j >= p.sink_tokens and bool(kp[bi, j])),
+                                key=lambda j: (-float(vs[j]), j))
+                verts = set(v_forced) | set(v_cand[:p.n_vertical])
+                deltas = range(0, last + 1) if ctx.causal else range(1 - nq, nk)
+                s_forced = [dl for dl in deltas if (dl < p.local if ctx.causal else abs(dl) < p.local)]
+                s_cand = sorted((dl for dl in deltas if dl not in s_forced), key=lambda dl: (-ss.get(dl, 0.0), dl))
+                slashes = set(s_forced) | set(s_cand[:p.n_slash])
+                for r in range(r0, r1):
+                    for j in range(nk):
+                        keep[bi, h, r, j] = j in verts or (off + r - j) in slashes
+    return keep
+
+
+@pytest.mark.parametrize("causal,nq,nk", [(True, 40, 40), (False, 40, 40), (True, 21, 45), (False, 33, 33)])
+def test_vertical_slash_pattern_matches_brute_force(causal, nq, nk):
+    q, k, _ = _qkv(b=2, nq=nq, nk=nk, seed=2)
+    ctx = _ctx(causal, padding=_pad(2, nk, (0, 5)))
+    p = VerticalSlashParams(n_vertical=3, n_slash=4, last_q=5, block_size=8, sink_tokens=2, local=3)
+    got = pattern_keep(vs_pattern(q, k, ctx, p), nq, nk, p.block_size)
+    assert torch.equal(got, _vs_brute(q, k, ctx, p))
+
+
+def test_vertical_slash_finds_stripes_and_diagonals():
+    """Head 0: keys copy the query 7 positions later (a slash at offset 7); head 1: key 13 matches
+    every query (a vertical). Both are selected for the later blocks; fast path = reference."""
+    n, d = 96, 64
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 2, n, d, generator=g, dtype=torch.float64)
+    k = 0.2 * torch.randn(1, 2, n, d, generator=g, dtype=torch.float64)
+    k[0, 0, : n - 7] += 4.0 * q[0, 0, 7:]
+    q[0, 1, :, 0] += 8.0
+    k[0, 1, 13, 0] = 8.0
+    v = torch.randn(1, 2, n, d, generator=g, dtype=torch.float64)
+    ctx = _ctx(True, kv=2, d=d)
+    p = VerticalSlashParams(n_vertical=1, n_slash=1, last_q=8, block_size=16, sink_tokens=0, local=1)
+    pat = vs_pattern(q, k, ctx, p)
+    assert bool(pat.slash[0, 0, 2:, 7 + n - 1].all())  # offset 7 (index δ + Nq − 1)
+    assert bool(pat.vertical[0, 1, 2:, 13].all())
+    with use_impl("gather"):
+        fast = VerticalSlash().run(q, k, v, ctx, p)
+    ref = VerticalSlash().reference(q, k, v, ctx, p)
+    torch.testing.assert_close(fast, ref)
+    dense = Dense().reference(q, k, v, ctx, Dense.Params())
+    err = float((ref[:, :, 32:] - dense[:, :, 32:]).norm() / dense[:, :, 32:].norm())
+    assert err < 0.1, err
+
+
+def test_vertical_slash_fast_path_odd_shapes_and_density():
+    var = VerticalSlash()
+    q, k, v = _qkv(b=2, hq=6, hkv=2, nq=37, nk=103, dtype=torch.float32, seed=3)
+    ctx = _ctx(True, padding=_pad(2, 103, (0, 6)))
+    p = VerticalSlashParams(n_vertical=5, n_slash=6, last_q=4, block_size=16, sink_tokens=2, local=3)
+    for qq in (q, q[:, :, -1:]):
+        with use_impl("reference"):
+            want = var.run(qq, k, v, ctx, p)
+        with use_impl("gather"):
+            got = var.run(qq, k, v, ctx, p)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    want_d = var.achieved_density(q, k, v, ctx, p)
+    allow = torch.ones(37, 103, dtype=torch.bool).tril(103 - 37) & ctx.key_padding[:, None, None, :]
+    keep = var.keep_mask(q, k, v, ctx, p) & allow
+    assert want_d == pytest.approx(float(keep.sum()) / float(allow.expand_as(keep).sum()), rel=1e-9)
+    with use_impl("gather"), recording() as rec:
+        var.run(q, k, v, ctx, p)
+    assert rec.records[0]["achieved"] == pytest.approx(want_d, rel=1e-9) and 0 < want_d < 1
+    for bad, name in ((dict(last_q=0), "last_q="), (dict(n_slash=-1), "n_slash="), (dict(block_size=0), "block_size=")):
+        with pytest.raises(BadInput) as e:
+            VerticalSlashParams(**bad)
+        assert str(e.value).startswith(name)

@@ -54,6 +54,7 @@ SPARSE = {
     "head_hybrid": {"kinds": ["streaming", "sparse"], "sink_tokens": 2, "window": 6, "p": 0.6, "block_size": 4,
                     "stride": 2},
     "token_topp": {"n_init": 2, "n_local": 4, "p": 0.6, "chunk": 8},
+    "vertical_slash": {"n_vertical": 3, "n_slash": 3, "last_q": 4, "block_size": 8, "sink_tokens": 1, "local": 2},
 }
 PRODUCER = {"reuse": "block_topk", "delta_sparse": "delta"}
 # Variants whose torch op refuses a modulated site (BadInput): the export must refuse it as well.

@@ -27,6 +27,7 @@ VARIANTS: dict[str, str] = {
     "block_topp": "surgeon.attention.block_topp:BlockTopP",
     "head_hybrid": "surgeon.attention.head_hybrid:HeadHybrid",
     "token_topp": "surgeon.attention.token_topp:TokenTopP",
+    "vertical_slash": "surgeon.attention.vertical_slash:VerticalSlash",
 }
 
 

@@ -1,0 +1,317 @@
+"""``vertical_slash``: MInference's vertical-slash pattern, per head, estimated causally.
+
+MInference (methods.md §13g, §14f) keeps, per head, the top vertical columns (keys that every
+query attends: sinks, separators) and the top slash diagonals (fixed query−key offsets: local
+and periodic patterns), estimated from the attention of the last 64 queries of the prompt.
+Estimating from the prompt's last queries lets every token's output depend on the end of the
+prompt — not causal. Our causal-safe version [PROPOSED]:
+
+* queries are processed in blocks of ``block_size`` rows; block i's pattern is estimated from
+  the ``last_q`` query rows *ending at the block's first row* (rows i·bs − t, t < last_q, ≥ 0;
+  real queries only), i.e. the most recent queries that every row of the block may see, so a
+  later token never changes an earlier output. Non-causal sites use the ``last_q`` rows ending
+  at the block's last row.
+* P = each estimator row's softmax over the keys it may see (causal: up to its position;
+  real keys). Vertical score of key j: Σ_r P[r, j]; slash score of offset δ = pos − j:
+  Σ_r P[r, pos_r − δ].
+* per (batch, query head, query block): verticals = the first ``sink_tokens`` keys plus the
+  top ``n_vertical`` other real keys the estimator rows could see (causal: keys at or before
+  the block's first position); slashes = offsets 0 … ``local``−1 (non-causal: |δ| < local)
+  plus the top ``n_slash`` other offsets (causal: 0 ≤ δ ≤ the block's last position). Ties go
+  to the lower index (key position / offset + Nq − 1).
+* row at position pos keeps key j when j is a vertical of its block or pos − j is one of its
+  slashes (then the usual causal/padding masks). ``n_vertical`` and ``n_slash`` ≥ Nk (all
+  offsets) is dense attention.
+
+Fast path ``gather`` (:func:`vertical_slash_attention`): per query block, the vertical keys are
+gathered once ([B,Hq,Kv,D]) and attended by the block's rows with one matmul; each row's slash
+keys (pos − δ for the block's offsets) are gathered per row and scored by a batched dot
+product; both parts share one softmax. Work per row ∝ (sink + n_vertical + local + n_slash),
+not Nk. Estimation costs last_q / block_size of a dense QKᵀ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from surgeon.kernels.blocksparse_cpu import num_blocks, query_validity, select_top
+from surgeon.kernels.gather_cpu import dense_pair_count, real_keys
+from surgeon.attention.base import (
+    AttnContext,
+    Variant,
+    VariantParams,
+    attention_from_keep,
+    check_range,
+    record_density,
+    recorder_active,
+)
+
+NEG_INF = float("-inf")
+_CHUNK_ELEMS = 1 << 22
+
+
+@dataclass(frozen=True)
+class VerticalSlashParams(VariantParams):
+    """n_vertical: top key columns per head and query block (besides the sinks); n_slash: top
+    diagonals (besides the local ones); last_q: estimator query rows per block; block_size:
+    query rows sharing one pattern; sink_tokens: leading keys always kept; local: offsets
+    0 … local−1 always kept (the local band)."""
+
+    n_vertical: int = 128
+    n_slash: int = 256
+    last_q: int = 16
+    block_size: int = 256
+    sink_tokens: int = 4
+    local: int = 64
+
+    def __post_init__(self) -> None:
+        check_range("n_vertical", self.n_vertical, 0, 1 << 30)
+        check_range("n_slash", self.n_slash, 0, 1 << 30)
+        check_range("last_q", self.last_q, 1, 1 << 20)
+        check_range("block_size", self.block_size, 1, 1 << 20)
+        check_range("sink_tokens", self.sink_tokens, 0, 1 << 30)
+        check_range("local", self.local, 0, 1 << 30)
+
+
+@dataclass(frozen=True)
+class VSPattern:
+    """Per-(batch, query head, query block) pattern: verticals [B,Hq,nqb,Nk] bool over key
+    positions; slashes [B,Hq,nqb,Nk+Nq−1] bool over offset index o = pos − j + Nq − 1."""
+
+    vertical: torch.Tensor
+    slash: torch.Tensor
+
+
+def estimator_rows(nq: int, block_size: int, last_q: int, causal: bool,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [nqb, last_q] long clamped to [0, Nq), ok [nqb, last_q] bool)."""
+    nqb = num_blocks(nq, block_size)
+    t = torch.arange(last_q, device=device)
+    blk = torch.arange(nqb, device=device)
+    end = blk * block_size if causal else torch.clamp((blk + 1) * block_size, max=nq) - 1
+    rows = end[:, None] - t[None, :]
+    return rows.clamp(0, max(nq - 1, 0)), rows >= 0
+
+
+def vs_scores(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: VerticalSlashParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vertical scores [B,Hq,nqb,Nk], slash scores [B,Hq,nqb,Nk+Nq−1]) in q's dtype."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    dev = q.device
+    nqb = num_blocks(nq, p.block_size)
+    no = nk + nq - 1
+    rows, ok = estimator_rows(nq, p.block_size, p.last_q, ctx.causal, dev)
+    t = rows.shape[1]
+    qv = query_validity(ctx.key_padding, nq, nk, ctx.causal)
+    okb = ok[None].expand(b, nqb, t)
+    if qv is not None:
+        okb = okb & qv[:, rows]
+    kreal = real_keys(ctx.key_padding, b, nk, dev)
+    kpos = torch.arange(nk, device=dev)
+    pos = (nk - nq) + rows  # [nqb, T]
+    delta = torch.arange(no, device=dev) - (nq - 1)  # offset of each slash index
+    vsc = q.new_zeros(b, hq, nqb, nk)
+    ssc = q.new_zeros(b, hq, nqb, no)
+    step = max(1, _CHUNK_ELEMS // max(1, b * hq * t * no))
+    kt = k.transpose(-1, -2)
+    for c0 in range(0, nqb, step):
+        c1 = min(nqb, c0 + step)
+        r = rows[c0:c1].reshape(-1)
+        z = torch.matmul(q[:, :, r].view(b, hkv, g * r.numel(), d), kt).view(b, hq, c1 - c0, t, nk) * ctx.scale
+        see = kreal[:, None, None, :] & okb[:, c0:c1, :, None]
+        if ctx.causal:
+            see = see & (kpos[None, None, None, :] <= pos[c0:c1][None, :, :, None])
+        z = z.masked_fill(~see[:, None], NEG_INF)
+        mx = z.amax(dim=-1, keepdim=True)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        e = torch.exp(z - mx)
+        s = e.sum(dim=-1, keepdim=True)
+        pr = e / torch.where(s > 0, s, torch.ones_like(s))  # [B,Hq,cb,T,Nk]
+        vsc[:, :, c0:c1] = pr.sum(dim=3)
+        key = pos[c0:c1][:, :, None] - delta[None, None, :]  # [cb, T, O]
+        inside = (key >= 0) & (key < nk)
+        gathered = torch.gather(pr, 4, key.clamp(0, nk - 1)[None, None].expand(b, hq, -1, -1, -1))
+        ssc[:, :, c0:c1] = gathered.masked_fill(~inside[None, None], 0.0).sum(dim=3)
+    return vsc, ssc
+
+
+def vs_pattern(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: VerticalSlashParams) -> VSPattern:
+    """The selected verticals and slashes of every (batch, head, query block)."""
+    b, hq, nq, _ = q.shape
+    nk = k.shape[2]
+    dev = q.device
+    nqb = num_blocks(nq, p.block_size)
+    vsc, ssc = vs_scores(q, k, ctx, p)
+    blk = torch.arange(nqb, device=dev)
+    q_first = (nk - nq) + blk * p.block_size
+    q_last = (nk - nq) + torch.clamp((blk + 1) * p.block_size, max=nq) - 1
+    j = torch.arange(nk, device=dev)
+    allow_v = (j[None, :] <= q_first[:, None]) if ctx.causal else torch.ones(nqb, nk, dtype=torch.bool, device=dev)
+    force_v = allow_v & (j[None, :] < p.sink_tokens)
+    kreal = real_keys(ctx.key_padding, b, nk, dev)[:, None, None, :]
+    kv = force_v.sum(dim=-1) + p.n_vertical  # [nqb]
+    vert = select_top(vsc, allow_v, force_v, kreal, kv[None, None].expand(b, hq, nqb))
+    delta = torch.arange(nk + nq - 1, device=dev) - (nq - 1)
+    if ctx.causal:
+        allow_s = (delta[None, :] >= 0) & (delta[None, :] <= q_last[:, None])
+        force_s = allow_s & (delta[None, :] < p.local)
+    else:
+        allow_s = torch.ones(nqb, nk + nq - 1, dtype=torch.bool, device=dev)
+        force_s = delta.abs()[None, :].expand(nqb, -1) < p.local
+    ks = force_s.sum(dim=-1) + p.n_slash
+    ones = torch.ones(1, 1, 1, nk + nq - 1, dtype=torch.bool, device=dev)
+    slash = select_top(ssc, allow_s, force_s, ones, ks[None, None].expand(b, hq, nqb))
+    return VSPattern(vertical=vert, slash=slash)
+
+
+def pattern_keep(pat: VSPattern, nq: int, nk: int, block_size: int) -> torch.Tensor:
+    """Token keep mask [B,Hq,Nq,Nk] of a pattern (reference use only)."""
+    dev = pat.vertical.device
+    blk = torch.arange(nq, device=dev) // block_size
+    v = pat.vertical[:, :, blk]  # [B,H,Nq,Nk]
+    s = pat.slash[:, :, blk]  # [B,H,Nq,O]
+    pos = (nk - nq) + torch.arange(nq, device=dev)
+    o = pos[:, None] - torch.arange(nk, device=dev)[None, :] + (nq - 1)  # [Nq, Nk] in [0, O)
+    return v | torch.gather(s, 3, o[None, None].expand(s.shape[0], s.shape[1], -1, -1))
+
+
+def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat: VSPattern, *, block_size: int,
+                             causal: bool, scale: float, key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention over each row's verticals ∪ slashes (see module doc). q [B,Hq,Nq,D], k/v
+    [B,Hkv,Nk,D|Dv] → [B,Hq,Nq,Dv]; equals ``attention_from_keep`` with ``pattern_keep``."""
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    dev = q.device
+    nqb = num_blocks(nq, block_size)
+    no = nk + nq - 1
+    off = nk - nq
+    kreal = real_keys(key_padding, b, nk, dev)
+    kflat, vflat = k.reshape(b * hkv * nk, d), v.reshape(b * hkv * nk, dv)
+    base = ((torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None, :] // g) * nk)
+    base = base[:, :, None]  # [B,Hq,1]
+    ar_o = torch.arange(no, device=dev)
+    ar_k = torch.arange(nk, device=dev)
+    out = q.new_zeros(b, hq, nq, dv)
+    for i in range(nqb):
+        r0, r1 = i * block_size, min(nq, (i + 1) * block_size)
+        vm = pat.vertical[:, :, i]  # [B,H,Nk]
+        sm = pat.slash[:, :, i]  # [B,H,O]
+        kv_n = int(vm.sum(dim=-1).max().item()) if nk else 0
+        ks_n = int(sm.sum(dim=-1).max().item())
+        vidx = torch.sort(torch.where(vm, ar_k, nk), dim=-1).values[..., :kv_n]  # [B,H,Kv], nk = empty
+        sidx = torch.sort(torch.where(sm, ar_o, no), dim=-1).values[..., :ks_n]  # [B,H,Ks], no = empty
+        v_ok = (vidx < nk) & torch.gather(kreal[:, None, :].expand(b, hq, nk), 2, vidx.clamp(max=nk - 1))
+        flat_v = (base + vidx.clamp(max=nk - 1)).reshape(-1)
+        kvg = kflat.index_select(0, flat_v).view(b, hq, kv_n, d)
+        vvg = vflat.index_select(0, flat_v).view(b, hq, kv_n, dv)
+        rows_per = max(1, _CHUNK_ELEMS // max(1, b * hq * max(ks_n, 1) * max(d, dv)))
+        for a0 in range(r0, r1, rows_per):
+            a1 = min(r1, a0 + rows_per)
+            qs = q[:, :, a0:a1] * scale  # [B,H,R,D]
+            pos = off + torch.arange(a0, a1, device=dev)  # [R]
+            zv = torch.matmul(qs, kvg.transpose(-1, -2))  # [B,H,R,Kv]
+            okv = v_ok[:, :, None, :]
+            if causal:
+                okv = okv & (vidx[:, :, None, :] <= pos[None, None, :, None])
+            zv = zv.masked_fill(~okv, NEG_INF)
+            key = pos[None, None, :, None] - (sidx[:, :, None, :] - (nq - 1))  # [B,H,R,Ks]
+            oks = (sidx[:, :, None, :] < no) & (key >= 0) & (key < nk)
+            kc = key.clamp(0, nk - 1)
+            oks = oks & torch.gather(kreal[:, None, :].expand(b, hq, nk), 2, kc.flatten(2)).view_as(kc)
+            oks = oks & ~torch.gather(vm, 2, kc.flatten(2)).view_as(kc)  # a vertical is counted once
+            if causal:
+                oks = oks & (key <= pos[None, None, :, None])
+            flat_s = (base[:, :, :, None] + kc).reshape(-1)
+            ksg = kflat.index_select(0, flat_s).view(b, hq, a1 - a0, ks_n, d)
+            vsg = vflat.index_select(0, flat_s).view(b, hq, a1 - a0, ks_n, dv)
+            zs = torch.matmul(ksg, qs[..., None])[..., 0]  # [B,H,R,Ks]
+            zs = zs.masked_fill(~oks, NEG_INF)
+            z = torch.cat([zv, zs], dim=-1)
+            mx = z.amax(dim=-1, keepdim=True)
+            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+            e = torch.exp(z - mx)
+            s = e.sum(dim=-1, keepdim=True)
+            pr = e / torch.where(s > 0, s, torch.ones_like(s))
+            o = torch.matmul(pr[..., :kv_n], vvg) + torch.matmul(pr[..., None, kv_n:], vsg)[..., 0, :]
+            out[:, :, a0:a1] = o
+    return out
+
+
+def pattern_density(pat: VSPattern, nq: int, nk: int, block_size: int, causal: bool,
+                    key_padding: Optional[torch.Tensor]) -> float:
+    """Kept pairs / dense pairs, from the token keep mask (exact, O(B·Hq·Nq·Nk) bools)."""
+    b, hq = pat.vertical.shape[:2]
+    dev = pat.vertical.device
+    keep = pattern_keep(pat, nq, nk, block_size)
+    if causal:
+        pos = (nk - nq) + torch.arange(nq, device=dev)
+        keep = keep & (torch.arange(nk, device=dev)[None, :] <= pos[:, None])
+    keep = keep & real_keys(key_padding, b, nk, dev)[:, None, None, :]
+    dense = dense_pair_count(nq, nk, causal, key_padding, dev).sum(dim=1).expand(b) * hq
+    return float(keep.sum().item()) / max(float(dense.sum().item()), 1.0)
+
+
+class VerticalSlash(Variant):
+    name = "vertical_slash"
+    Params = VerticalSlashParams
+    family = "sparse"
+    description = ("MInference vertical-slash: per head and query block, top key columns and top diagonals "
+                   "estimated (causally) from the queries just before the block")
+
+    def reference(self, q, k, v, ctx: AttnContext, p: VerticalSlashParams, block_mask=None):
+        pat = vs_pattern(q, k, ctx, p)
+        out = attention_from_keep(q, k, v, ctx, pattern_keep(pat, q.shape[2], k.shape[2], p.block_size))
+        self._record(q, k, ctx, p, pat)
+        return out
+
+    def _gather(self, q, k, v, ctx: AttnContext, p: VerticalSlashParams, block_mask=None):
+        pat = vs_pattern(q, k, ctx, p)
+        out = vertical_slash_attention(q, k, v, pat, block_size=p.block_size, causal=ctx.causal, scale=ctx.scale,
+                                       key_padding=ctx.key_padding)
+        self._record(q, k, ctx, p, pat)
+        return out
+
+    def _record(self, q, k, ctx: AttnContext, p: VerticalSlashParams, pat: VSPattern) -> None:
+        if recorder_active():
+            d = (pattern_density(pat, q.shape[2], k.shape[2], p.block_size, ctx.causal, ctx.key_padding)
+                 if ctx.attn_mask is None else self.achieved_density(q, k, None, ctx, p))
+            record_density(ctx.site, self.name, d, d)
+
+    def fast_paths(self):
+        return {"gather": self._gather}
+
+    def fast_available(self, name: str, q, ctx: AttnContext, p: VariantParams) -> bool:
+        return not ctx.modulated and ctx.attn_mask is None
+
+    def keep_mask(self, q, k, v, ctx: AttnContext, p: VerticalSlashParams, block_mask=None) -> torch.Tensor:
+        return pattern_keep(vs_pattern(q, k, ctx, p), q.shape[2], k.shape[2], p.block_size)
+
+    def requested_density(self, p: VerticalSlashParams) -> float:
+        return 1.0  # token budgets, not a fraction: the density follows the length (recorded per call)
+
+    def achieved_density(self, q, k, v, ctx: AttnContext, p: VerticalSlashParams, block_mask=None) -> float:
+        if ctx.attn_mask is not None:
+            return super().achieved_density(q, k, v, ctx, p, block_mask)
+        return pattern_density(vs_pattern(q, k, ctx, p), q.shape[2], k.shape[2], p.block_size, ctx.causal,
+                               ctx.key_padding)
+
+    def selection_overhead(self, p: VerticalSlashParams) -> float:
+        """Estimator work as a fraction of dense QKᵀ work."""
+        return min(1.0, p.last_q / p.block_size)
+
+    def onnx_lowering(self, op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask):
+        from surgeon.attention.vertical_slash.onnx import lower_vertical_slash
+
+        return lower_vertical_slash(op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask)
+
+    # -- test-matrix hooks ------------------------------------------------------------
+    def degenerate_params(self, n: int) -> VerticalSlashParams:
+        return VerticalSlashParams(n_vertical=n, n_slash=2 * n, last_q=4, block_size=16, sink_tokens=2, local=4)
+
+    def example_params(self, n: int, hq: int) -> VerticalSlashParams:
+        return VerticalSlashParams(n_vertical=max(1, n // 16), n_slash=max(1, n // 16), last_q=4, block_size=16,
+                                   sink_tokens=2, local=4)
