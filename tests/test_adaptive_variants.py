@@ -532,3 +532,34 @@ def test_vertical_slash_fast_path_odd_shapes_and_density():
         with pytest.raises(BadInput) as e:
             VerticalSlashParams(**bad)
         assert str(e.value).startswith(name)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+ADAPTIVE_RECIPE = {
+    "model.layers.0.self_attn": {"variant": "block_topp", "p": 0.8, "block_size": 16, "stride": 4},
+    "model.layers.1.self_attn": {"variant": "reuse", "block_size": 16, "block_mask_from": "model.layers.0.self_attn"},
+    "model.layers.2.self_attn": {"variant": "head_hybrid", "kinds": ["dense", "streaming", "sparse"],
+                                 "sink_tokens": 4, "window": 16, "p": 0.8, "block_size": 16, "stride": 4},
+    "model.layers.3.self_attn": {"variant": "token_topp", "n_init": 4, "n_local": 8, "p": 0.7, "chunk": 16},
+    "model.layers.4.self_attn": {"variant": "vertical_slash", "n_vertical": 8, "n_slash": 8, "last_q": 8,
+                                 "block_size": 16, "sink_tokens": 2, "local": 8},
+}
+
+
+def test_adaptive_variants_rewrite_export_and_verify(tmp_path_factory):
+    """A SmolLM2-shaped Llama (9/3 heads) with the four adaptive variants (and block_topp's mask
+    reused by the next layer) is captured, rewritten, exported to ONNX and verified in
+    onnxruntime at two lengths against the rewritten PyTorch model."""
+    from surgeon.exporters.pipeline import export_rewritten
+    from surgeon.passes.policy import policy_from_recipe
+    from test_export import _rewritten, _tiny_llama
+
+    lm, cap = _tiny_llama(5)
+    pol = policy_from_recipe(ADAPTIVE_RECIPE, lm.fingerprint(), [s.name for s in cap.sites])
+    rw = _rewritten(tmp_path_factory, "tiny-adaptive", lm, cap, pol)
+    man = export_rewritten(rw, out=rw.parent / "onnx", lengths=(40, 100))
+    assert man.verified and man.surgeon_ops == {"block_topp": 1, "reuse": 1, "head_hybrid": 1, "token_topp": 1,
+                                                 "vertical_slash": 1}
+    for r in man.verification["results"]:
+        assert r["ok"] and r["max_abs_err"] < 1e-4, r
