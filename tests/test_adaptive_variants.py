@@ -19,6 +19,7 @@ from surgeon.attention.base import encode_config
 from surgeon.attention.block_topk import BlockTopK, BlockTopKParams
 from surgeon.attention.block_topp import BlockTopP, BlockTopPParams, estimate_block_mass
 from surgeon.attention.dense import Dense
+from surgeon.attention.head_hybrid import HeadHybrid, HeadHybridParams
 from surgeon.attention.ops import op_for
 from surgeon.attention.registry import VARIANTS
 from surgeon.errors import BadInput
@@ -236,6 +237,23 @@ def test_block_topp_density_recorded_and_params_validated():
     assert BlockTopPParams.from_dict(p.to_dict()) == p
 
 
+def test_block_topp_kernel_density_counts_padding_and_overheads():
+    q, k, v = _qkv(b=2, nq=128, dtype=torch.float32)
+    ctx = _ctx(True)
+    var = BlockTopP()
+    p = BlockTopPParams(p=0.5, head_p=(0.2, 0.4, 0.5, 0.6, 0.8, 0.9), block_size=16, stride=4)
+    ach, ker = var.achieved_density(q, k, v, ctx, p), var.kernel_density(q, k, v, ctx, p)
+    assert 0 < ach < ker <= 1.5  # per-head imbalance is paid for by padding
+    # uniform counts and no causal boundary: the kernel computes exactly the kept pairs
+    full = BlockTopPParams(p=1.0, block_size=16, stride=4)
+    assert var.kernel_density(q, k, v, _ctx(False), full) == pytest.approx(1.0)
+    assert var.selection_overhead(p) == pytest.approx(4 / 16)
+    hh = HeadHybridParams(kinds=("dense", "sparse", "streaming"), block_size=16, stride=4)
+    assert get_variant("head_hybrid").selection_overhead(hh) == pytest.approx(4 / 16 / 3)
+    assert get_variant("token_topp").selection_overhead(get_variant("token_topp").Params(chunk=32)) == 1 / 32
+    assert get_variant("dense").selection_overhead(Dense.Params()) == 0.0
+
+
 def _ort_run(name, p, causal, feeds, scale=0.35, kvh=2):
     from surgeon.exporters import onnx_lowering as L
 
@@ -264,7 +282,6 @@ def test_block_topp_onnx_with_bool_attn_mask(causal):
 
 # ----------------------------------------------------------------------------- head_hybrid
 
-from surgeon.attention.head_hybrid import HeadHybrid, HeadHybridParams  # noqa: E402
 from surgeon.attention.window_sink import WindowSink, WindowSinkParams  # noqa: E402
 
 

@@ -293,6 +293,23 @@ class BlockTopP(Variant):
             return super().achieved_density(q, k, v, ctx, p, block_mask)
         return self._density(q, k, ctx, p, self.select(q, k, ctx, p))
 
+    def kernel_density(self, q, k, v, ctx: AttnContext, p: BlockTopPParams, block_mask=None) -> float:
+        """Score work of the CPU gather kernel as it runs, per dense pair: every (batch, head) of
+        a chunk of query blocks is padded to the chunk's largest kept-block count (the
+        per-head imbalance an adaptive budget creates), whole blocks are computed. ≥ the
+        achieved density; what a planner should cost for the ``gather`` path."""
+        from surgeon.kernels.blocksparse_cpu import _plan_chunks, block_geometry
+
+        b, hq, nq, _ = q.shape
+        nk = k.shape[2]
+        bs = p.block_size
+        geo = block_geometry(nq, nk, bs, bs, ctx.causal, q.device)
+        sel = self.select(q, k, ctx, p) & geo.allowed
+        smax = sel.sum(dim=-1).amax(dim=(0, 1)).tolist()
+        work = sum((c1 - c0) * s for c0, c1, s in _plan_chunks(smax, b * hq * bs, bs)) * b * hq * bs * bs
+        dense = block_pair_counts(nq, nk, bs, bs, ctx.causal, ctx.key_padding, q.device)
+        return float(work) / max(float(dense.expand(b, -1, -1).sum().item()) * hq, 1.0)
+
     def selection_overhead(self, p: BlockTopPParams) -> float:
         """Estimator work as a fraction of dense QKᵀ work (sampled rows / all rows)."""
         return math.ceil(p.block_size / p.stride) / p.block_size

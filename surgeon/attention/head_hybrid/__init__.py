@@ -228,6 +228,16 @@ class HeadHybrid(Variant):
             total += d * len(heads)
         return total / hq
 
+    def selection_overhead(self, p: HeadHybridParams) -> float:
+        """The sparse heads' estimator work, as a fraction of the site's dense QKᵀ work."""
+        if not p.kinds:
+            return 0.0
+        from surgeon.attention.registry import get_variant
+
+        name, sp = p.sparse_params()
+        share = sum(kd == "sparse" for kd in p.kinds) / len(p.kinds)
+        return share * get_variant(name).selection_overhead(sp)
+
     def onnx_lowering(self, op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask):
         from surgeon.attention.head_hybrid.onnx import lower_head_hybrid
 

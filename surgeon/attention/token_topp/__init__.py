@@ -189,6 +189,10 @@ class TokenTopP(Variant):
             return super().achieved_density(q, k, v, ctx, p, block_mask)
         return self._density(q, k, ctx, p, select_tokens_topp(q, k, ctx, p))
 
+    def selection_overhead(self, p: TokenTopPParams) -> float:
+        """Fingerprint scores (one row per chunk against every key) as a fraction of dense QKᵀ."""
+        return 1.0 / p.chunk
+
     def onnx_lowering(self, op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask):
         from surgeon.attention.token_topp.onnx import lower_token_topp
 
