@@ -580,3 +580,45 @@ def test_adaptive_variants_rewrite_export_and_verify(tmp_path_factory):
                                                  "vertical_slash": 1}
     for r in man.verification["results"]:
         assert r["ok"] and r["max_abs_err"] < 1e-4, r
+
+
+def test_partial_topk_selector_equals_full_sort_selector():
+    from surgeon.attention.vertical_slash import select_top_k
+    from surgeon.kernels.blocksparse_cpu import select_top
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        scores = torch.randint(0, 4, (2, 3, 5, 17), generator=g).float()  # many ties
+        allowed = torch.rand(5, 17, generator=g) > 0.2
+        forced = torch.rand(5, 17, generator=g) > 0.8
+        cand = torch.rand(2, 1, 1, 17, generator=g) > 0.1
+        k = torch.randint(0, 20, (2, 3, 5), generator=g)
+        assert torch.equal(select_top_k(scores, allowed, forced, cand, k), select_top(scores, allowed, forced, cand, k))
+
+
+@pytest.mark.parametrize("path", ["prefix", "union", "rows"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_vertical_slash_kernel_paths_equal_masked_attention(monkeypatch, path, causal):
+    """The kernel's three strategies (visible prefix / union of ranges / per-row gather) each give
+    the reference."""
+    import surgeon.attention.vertical_slash as VS
+    from surgeon.attention.base import attention_from_keep
+
+    monkeypatch.setattr(VS, "_choose_path", lambda *costs: path)
+    q, k, v = _qkv(b=2, hq=6, hkv=2, nq=45, nk=60 if causal else 45, dtype=torch.float64, seed=8)
+    ctx = _ctx(causal, padding=_pad(2, k.shape[2], (0, 7)))
+    p = VerticalSlashParams(n_vertical=4, n_slash=5, last_q=4, block_size=16, sink_tokens=2, local=3)
+    pat = vs_pattern(q, k, ctx, p)
+    want = attention_from_keep(q, k, v, ctx, pattern_keep(pat, q.shape[2], k.shape[2], p.block_size))
+    for rows in (1, 5, 16):
+        got = VS.vertical_slash_attention(q, k, v, pat, block_size=16, causal=causal, scale=ctx.scale,
+                                          key_padding=ctx.key_padding, rows=rows)
+        valid = _valid(want, ctx)
+        torch.testing.assert_close(got[valid], want[valid], rtol=1e-10, atol=1e-10)
+
+
+def _valid(out, ctx):
+    if ctx.causal and ctx.key_padding is not None:
+        nq = out.shape[2]
+        return ctx.key_padding[:, -nq:][:, None, :, None].expand_as(out)
+    return torch.ones_like(out, dtype=torch.bool)

@@ -166,29 +166,35 @@ def estimate_block_mass(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, bloc
     off = nk - nq
     mass = torch.zeros(b, hq, nqb, nkb, dtype=torch.float64, device=dev)
     live = torch.zeros(b, 1, nqb, dtype=torch.bool, device=dev)
-    kpad = nkb * block_size - nk
-    step = max(1, _EST_CHUNK_ELEMS // max(1, b * hq * t * nk))
-    kt = k.transpose(-1, -2)
+    step = max(1, min(8, _EST_CHUNK_ELEMS // max(1, b * hq * t * nk)))
     for c0 in range(0, nqb, step):
         c1 = min(nqb, c0 + step)
-        r = rows[c0:c1].reshape(-1)  # [cb*T]
-        qs = q[:, :, r].view(b, hkv, g * r.numel(), d)
-        z = torch.matmul(qs, kt).view(b, hq, c1 - c0, t, nk) * ctx.scale
-        see = kreal[:, None, None, :] & okb[:, c0:c1, :, None]  # [B, cb, T, Nk]
-        if ctx.causal:
-            see = see & (kpos[None, None, None, :] <= (off + rows[c0:c1])[None, :, :, None])
-        z = z.masked_fill(~see[:, None], NEG_INF)
+        rc = rows[c0:c1]
+        # causal: keys after the chunk's last sampled position are never seen; stop there
+        kend = min(nk, num_blocks(off + int(rc.max().item()) + 1, block_size) * block_size) if ctx.causal else nk
+        nkb_c = num_blocks(kend, block_size)
+        r = rc.reshape(-1)  # [cb*T]
+        qs = (q[:, :, r] * ctx.scale).view(b, hkv, g * r.numel(), d)
+        z = torch.matmul(qs, k[:, :, :kend].transpose(-1, -2)).view(b, hq, c1 - c0, t, kend)
+        if ctx.key_padding is not None:
+            z.masked_fill_(~kreal[:, None, None, None, :kend], NEG_INF)
+        if ctx.causal:  # only keys after the chunk's earliest sampled position can be in a row's future
+            kmin = min(kend, off + int(rc.min().item()) + 1)
+            fut = kpos[None, None, kmin:kend] > (off + rc)[:, :, None]  # [cb, T, kend-kmin]
+            z[..., kmin:kend].masked_fill_(fut, NEG_INF)
         mx = z.amax(dim=-1, keepdim=True)
         mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        e = torch.exp(z - mx)
-        s = e.sum(dim=-1, keepdim=True)
-        pr = e / torch.where(s > 0, s, torch.ones_like(s))  # [B,Hq,cb,T,Nk]
-        if kpad:
-            pr = torch.cat([pr, pr.new_zeros(*pr.shape[:-1], kpad)], dim=-1)
-        blk = pr.view(b, hq, c1 - c0, t, nkb, block_size).sum(dim=-1).to(torch.float64).sum(dim=3)
-        seen = see.any(dim=-1)  # [B, cb, T]
-        cnt = seen.sum(dim=-1).to(torch.float64)  # [B, cb]
-        mass[:, :, c0:c1] = blk / cnt.clamp_min(1.0)[:, None, :, None]
+        e = z.sub_(mx).exp_()  # unnormalised probabilities, 0 where not seen
+        nfull = kend // block_size
+        blk = e[..., :nfull * block_size].view(b, hq, c1 - c0, t, nfull, block_size).sum(dim=-1)
+        if nfull != nkb_c:  # ragged last key block
+            blk = torch.cat([blk, e[..., nfull * block_size:].sum(dim=-1, keepdim=True)], dim=-1)
+        den = blk.sum(dim=-1, keepdim=True)
+        seen = okb[:, None, c0:c1, :, None] & (den > 0)  # [B,Hq,cb,T,1]; den > 0 is the same for all heads
+        blk = torch.where(seen, blk / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(blk))
+        blk = blk.to(torch.float64).sum(dim=3)
+        cnt = seen[:, 0, :, :, 0].sum(dim=-1).to(torch.float64)  # [B, cb]
+        mass[:, :, c0:c1, :nkb_c] = blk / cnt.clamp_min(1.0)[:, None, :, None]
         live[:, 0, c0:c1] = cnt > 0
     return mass, live
 

@@ -36,8 +36,8 @@ from typing import Optional
 
 import torch
 
-from surgeon.kernels.blocksparse_cpu import num_blocks, query_validity, select_top
-from surgeon.kernels.gather_cpu import dense_pair_count, real_keys
+from surgeon.kernels.blocksparse_cpu import num_blocks, query_validity
+from surgeon.kernels.gather_cpu import attend_lse, dense_pair_count, real_keys
 from surgeon.attention.base import (
     AttnContext,
     Variant,
@@ -111,31 +111,66 @@ def vs_scores(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: VerticalSla
         okb = okb & qv[:, rows]
     kreal = real_keys(ctx.key_padding, b, nk, dev)
     kpos = torch.arange(nk, device=dev)
-    pos = (nk - nq) + rows  # [nqb, T]
-    delta = torch.arange(no, device=dev) - (nq - 1)  # offset of each slash index
+    off = nk - nq
+    pos = off + rows  # [nqb, T]
     vsc = q.new_zeros(b, hq, nqb, nk)
     ssc = q.new_zeros(b, hq, nqb, no)
-    step = max(1, _CHUNK_ELEMS // max(1, b * hq * t * no))
-    kt = k.transpose(-1, -2)
+    o_ar = torch.arange(no, device=dev)
+    step = max(1, min(8, _CHUNK_ELEMS // max(1, b * hq * t * nk)))
     for c0 in range(0, nqb, step):
         c1 = min(nqb, c0 + step)
-        r = rows[c0:c1].reshape(-1)
-        z = torch.matmul(q[:, :, r].view(b, hkv, g * r.numel(), d), kt).view(b, hq, c1 - c0, t, nk) * ctx.scale
-        see = kreal[:, None, None, :] & okb[:, c0:c1, :, None]
+        cb = c1 - c0
+        rc = rows[c0:c1]
+        kend = min(nk, off + int(rc.max().item()) + 1) if ctx.causal else nk
+        r = rc.reshape(-1)
+        qs = (q[:, :, r] * ctx.scale).view(b, hkv, g * r.numel(), d)
+        z = torch.matmul(qs, k[:, :, :kend].transpose(-1, -2)).view(b, hq, cb, t, kend)
+        if ctx.key_padding is not None:
+            z.masked_fill_(~kreal[:, None, None, None, :kend], NEG_INF)
         if ctx.causal:
-            see = see & (kpos[None, None, None, :] <= pos[c0:c1][None, :, :, None])
-        z = z.masked_fill(~see[:, None], NEG_INF)
+            kmin = min(kend, off + int(rc.min().item()) + 1)
+            z[..., kmin:kend].masked_fill_(kpos[None, None, kmin:kend] > pos[c0:c1][:, :, None], NEG_INF)
         mx = z.amax(dim=-1, keepdim=True)
         mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        e = torch.exp(z - mx)
-        s = e.sum(dim=-1, keepdim=True)
-        pr = e / torch.where(s > 0, s, torch.ones_like(s))  # [B,Hq,cb,T,Nk]
-        vsc[:, :, c0:c1] = pr.sum(dim=3)
-        key = pos[c0:c1][:, :, None] - delta[None, None, :]  # [cb, T, O]
-        inside = (key >= 0) & (key < nk)
-        gathered = torch.gather(pr, 4, key.clamp(0, nk - 1)[None, None].expand(b, hq, -1, -1, -1))
-        ssc[:, :, c0:c1] = gathered.masked_fill(~inside[None, None], 0.0).sum(dim=3)
+        e = z.sub_(mx).exp_()
+        den = e.sum(dim=-1, keepdim=True)
+        okr = okb[:, None, c0:c1, :, None] & (den > 0)
+        pr = e.mul_(torch.where(okr, 1.0 / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den)))
+        vsc[:, :, c0:c1, :kend] = pr.sum(dim=3)
+        # slash sums by a skew: row t sits at E − t (E = the window's last position), so
+        # Σ_t P[t, E − t − δ] = X[E − δ] with X[x] = Σ_t P[t, x − t] (rows shifted right by t)
+        w = kend + t
+        pp = torch.nn.functional.pad(pr, (t, 0)).contiguous()  # [B,Hq,cb,T,kend+T]
+        st = pp.stride()
+        xs = pp.as_strided((b, hq, cb, t, w - 1), (st[0], st[1], st[2], w - 1, 1),
+                           pp.storage_offset() + t).sum(dim=3)  # [B,Hq,cb,W-1], X[x]
+        e_pos = off + rc[:, 0]  # [cb] position of row t = 0
+        x = e_pos[:, None] - (o_ar[None, :] - (nq - 1))  # [cb, O]
+        inside = (x >= 0) & (x < w - 1)
+        got = torch.gather(xs, 3, x.clamp(0, w - 2)[None, None].expand(b, hq, cb, no))
+        ssc[:, :, c0:c1] = got.masked_fill_(~inside[None, None], 0.0)
     return vsc, ssc
+
+
+def select_top_k(scores: torch.Tensor, allowed: torch.Tensor, forced: torch.Tensor, candidate: torch.Tensor,
+                 k: torch.Tensor) -> torch.Tensor:
+    """``blocksparse_cpu.select_top`` (same result, ties toward the lower index) by a partial
+    top-k instead of a full sort: the k-th value per row, everything above it, and the lowest
+    indices among the entries equal to it. Shapes as ``select_top``."""
+    forced = forced & allowed
+    s = scores.masked_fill(~(allowed & candidate), NEG_INF).masked_fill(forced, float("inf"))
+    n_forced = forced.sum(dim=-1)
+    k_eff = torch.maximum(k, n_forced).clamp(max=s.shape[-1])  # [B,H,R]
+    kmax = int(k_eff.max().item()) if k_eff.numel() else 0
+    if kmax == 0:
+        return torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+    vals = torch.topk(s, kmax, dim=-1, largest=True, sorted=True).values
+    kth = torch.gather(vals, -1, (k_eff - 1).clamp_min(0)[..., None])  # [B,H,R,1]
+    above = s > kth
+    tie = s == kth
+    room = (k_eff - above.sum(dim=-1))[..., None]
+    take = above | (tie & (torch.cumsum(tie.to(torch.int32), dim=-1) <= room))
+    return take & (s > NEG_INF) & (k_eff > 0)[..., None]
 
 
 def vs_pattern(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: VerticalSlashParams) -> VSPattern:
@@ -153,7 +188,7 @@ def vs_pattern(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: VerticalSl
     force_v = allow_v & (j[None, :] < p.sink_tokens)
     kreal = real_keys(ctx.key_padding, b, nk, dev)[:, None, None, :]
     kv = force_v.sum(dim=-1) + p.n_vertical  # [nqb]
-    vert = select_top(vsc, allow_v, force_v, kreal, kv[None, None].expand(b, hq, nqb))
+    vert = select_top_k(vsc, allow_v, force_v, kreal, kv[None, None].expand(b, hq, nqb))
     delta = torch.arange(nk + nq - 1, device=dev) - (nq - 1)
     if ctx.causal:
         allow_s = (delta[None, :] >= 0) & (delta[None, :] <= q_last[:, None])
@@ -163,7 +198,7 @@ def vs_pattern(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: VerticalSl
         force_s = delta.abs()[None, :].expand(nqb, -1) < p.local
     ks = force_s.sum(dim=-1) + p.n_slash
     ones = torch.ones(1, 1, 1, nk + nq - 1, dtype=torch.bool, device=dev)
-    slash = select_top(ssc, allow_s, force_s, ones, ks[None, None].expand(b, hq, nqb))
+    slash = select_top_k(ssc, allow_s, force_s, ones, ks[None, None].expand(b, hq, nqb))
     return VSPattern(vertical=vert, slash=slash)
 
 
@@ -178,66 +213,130 @@ def pattern_keep(pat: VSPattern, nq: int, nk: int, block_size: int) -> torch.Ten
     return v | torch.gather(s, 3, o[None, None].expand(s.shape[0], s.shape[1], -1, -1))
 
 
+# Row-gathered slash keys cost about this many times a matmul-scored key (measured on the CPU,
+# SmolLM2 shape): a row chunk takes the union path unless its union is larger than this
+# factor times the slash count.
+_ROW_GATHER_COST = 8
+
+
+def _choose_path(cost_prefix: int, cost_union: int, cost_rows: int) -> str:
+    """The cheapest of the kernel's three equal computations for one row chunk."""
+    if cost_prefix <= min(cost_union, cost_rows):
+        return "prefix"
+    return "union" if cost_union <= cost_rows else "rows"
+
+
+def _softmax_rows(z: torch.Tensor) -> torch.Tensor:
+    mx = z.amax(dim=-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.exp(z - mx)
+    s = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(s > 0, s, torch.ones_like(s))
+
+
 def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat: VSPattern, *, block_size: int,
-                             causal: bool, scale: float, key_padding: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Attention over each row's verticals ∪ slashes (see module doc). q [B,Hq,Nq,D], k/v
-    [B,Hkv,Nk,D|Dv] → [B,Hq,Nq,Dv]; equals ``attention_from_keep`` with ``pattern_keep``."""
+                             causal: bool, scale: float, key_padding: Optional[torch.Tensor] = None,
+                             rows: int = 16) -> torch.Tensor:
+    """Attention over each row's verticals ∪ slashes. q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D|Dv] →
+    [B,Hq,Nq,Dv]; equals ``attention_from_keep`` with ``pattern_keep``.
+
+    Rows are processed in chunks of ``rows``. A chunk's slash keys are, per head, the union of
+    the key ranges [P0 − δ, P1 − δ] of its offsets (P0..P1 the chunk's positions); with the
+    verticals they are gathered once and scored by one matmul under the exact token mask
+    (vertical, or pos − j a slash). Per chunk the cheapest of three equal computations runs:
+    that union gather; the contiguous visible prefix under the same mask (when the union covers
+    most of it: no gather); or, for scattered offsets, each row's slash keys gathered (exact
+    work, slower per key)."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
     dev = q.device
-    nqb = num_blocks(nq, block_size)
     no = nk + nq - 1
     off = nk - nq
     kreal = real_keys(key_padding, b, nk, dev)
     kflat, vflat = k.reshape(b * hkv * nk, d), v.reshape(b * hkv * nk, dv)
-    base = ((torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None, :] // g) * nk)
-    base = base[:, :, None]  # [B,Hq,1]
-    ar_o = torch.arange(no, device=dev)
+    base = ((torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None, :] // g) * nk)[:, :, None]
     ar_k = torch.arange(nk, device=dev)
+    ar_o = torch.arange(no, device=dev)
     out = q.new_zeros(b, hq, nq, dv)
-    for i in range(nqb):
+    for i in range(num_blocks(nq, block_size)):
         r0, r1 = i * block_size, min(nq, (i + 1) * block_size)
-        vm = pat.vertical[:, :, i]  # [B,H,Nk]
+        vm = pat.vertical[:, :, i] & kreal[:, None, :]  # [B,H,Nk]
         sm = pat.slash[:, :, i]  # [B,H,O]
-        kv_n = int(vm.sum(dim=-1).max().item()) if nk else 0
-        ks_n = int(sm.sum(dim=-1).max().item())
-        vidx = torch.sort(torch.where(vm, ar_k, nk), dim=-1).values[..., :kv_n]  # [B,H,Kv], nk = empty
-        sidx = torch.sort(torch.where(sm, ar_o, no), dim=-1).values[..., :ks_n]  # [B,H,Ks], no = empty
-        v_ok = (vidx < nk) & torch.gather(kreal[:, None, :].expand(b, hq, nk), 2, vidx.clamp(max=nk - 1))
-        flat_v = (base + vidx.clamp(max=nk - 1)).reshape(-1)
-        kvg = kflat.index_select(0, flat_v).view(b, hq, kv_n, d)
-        vvg = vflat.index_select(0, flat_v).view(b, hq, kv_n, dv)
-        rows_per = max(1, _CHUNK_ELEMS // max(1, b * hq * max(ks_n, 1) * max(d, dv)))
-        for a0 in range(r0, r1, rows_per):
-            a1 = min(r1, a0 + rows_per)
-            qs = q[:, :, a0:a1] * scale  # [B,H,R,D]
+        cs = torch.cat([sm.new_zeros(b, hq, 1, dtype=torch.int32), torch.cumsum(sm.to(torch.int32), dim=-1)], dim=-1)
+        n_s = int(sm.sum(dim=-1).max().item())
+        for a0 in range(r0, r1, rows):
+            a1 = min(r1, a0 + rows)
+            p0, p1 = off + a0, off + a1 - 1
             pos = off + torch.arange(a0, a1, device=dev)  # [R]
-            zv = torch.matmul(qs, kvg.transpose(-1, -2))  # [B,H,R,Kv]
-            okv = v_ok[:, :, None, :]
+            # union of the slash ranges: some δ ∈ S with p0 − δ ≤ j ≤ p1 − δ
+            lo = (p0 - ar_k + nq - 1).clamp(0, no)
+            hi = (p1 - ar_k + nq).clamp(0, no)
+            union = (cs[..., hi] - cs[..., lo]) > 0  # [B,H,Nk]
+            keys = (union | vm) & kreal[:, None, :]
+            if causal:
+                keys = keys & (ar_k <= p1)
+            n_u = int(keys.sum(dim=-1).max().item())
+            n_v = int(vm.sum(dim=-1).max().item())
+            qs = q[:, :, a0:a1] * scale  # [B,H,R,D]
+            kend = min(nk, p1 + 1) if causal else nk
+            cost_prefix = kend  # contiguous keys, no gather
+            cost_union = 2 * n_u  # gathered keys, one matmul
+            cost_rows = _ROW_GATHER_COST * n_s + 2 * n_v
+            path = _choose_path(cost_prefix, cost_union, cost_rows)
+            if path == "prefix":
+                # the union covers most of the visible keys: score the contiguous prefix, mask exactly
+                rr = a1 - a0
+                o_idx = (pos[:, None] + (nq - 1)) - ar_k[None, :kend]  # [R, kend]
+                m = torch.gather(sm, 2, o_idx.reshape(1, 1, -1).expand(b, hq, -1)).view(b, hq, rr, kend)
+                m = (m | vm[:, :, None, :kend]) & kreal[:, None, None, :kend]
+                if causal:
+                    m = m & (ar_k[None, :kend] <= pos[:, None])
+                bias = torch.zeros(m.shape, dtype=q.dtype, device=dev).masked_fill_(~m, NEG_INF)
+                o, _ = attend_lse(q[:, :, a0:a1].reshape(b, hkv, g * rr, d), k[:, :, :kend], v[:, :, :kend],
+                                  bias.view(b, hkv, g * rr, kend), scale, m.any(dim=-1).view(b, hkv, g * rr))
+                out[:, :, a0:a1] = o.view(b, hq, rr, dv)
+                continue
+            if path == "union":
+                idx = torch.sort(torch.where(keys, ar_k, nk), dim=-1).values[..., :n_u]  # [B,H,U]
+                ok = idx < nk
+                ic = idx.clamp(max=nk - 1)
+                flat = (base + ic).reshape(-1)
+                kg = kflat.index_select(0, flat).view(b, hq, n_u, d)
+                vg = vflat.index_select(0, flat).view(b, hq, n_u, dv)
+                o_idx = (pos[:, None] + (nq - 1)) - ic[:, :, None, :]  # [B,H,R,U] in [0, O)
+                m = torch.gather(sm, 2, o_idx.clamp(0, no - 1).flatten(2)).view_as(o_idx)
+                m = (m | torch.gather(vm, 2, ic)[:, :, None, :]) & ok[:, :, None, :]
+                if causal:
+                    m = m & (ic[:, :, None, :] <= pos[None, None, :, None])
+                bias = torch.zeros(m.shape, dtype=q.dtype, device=dev).masked_fill_(~m, NEG_INF)
+                out[:, :, a0:a1] = attend_lse(q[:, :, a0:a1], kg, vg, bias, scale, m.any(dim=-1))[0]
+                continue
+            # scattered offsets: verticals by matmul, each row's slash keys gathered
+            kv_n = n_v
+            vidx = torch.sort(torch.where(vm, ar_k, nk), dim=-1).values[..., :kv_n]
+            vc = vidx.clamp(max=nk - 1)
+            flat_v = (base + vc).reshape(-1)
+            kvg = kflat.index_select(0, flat_v).view(b, hq, kv_n, d)
+            vvg = vflat.index_select(0, flat_v).view(b, hq, kv_n, dv)
+            okv = (vidx < nk)[:, :, None, :]
             if causal:
                 okv = okv & (vidx[:, :, None, :] <= pos[None, None, :, None])
-            zv = zv.masked_fill(~okv, NEG_INF)
+            zv = torch.matmul(qs, kvg.transpose(-1, -2)).masked_fill(~okv, NEG_INF)
+            sidx = torch.sort(torch.where(sm, ar_o, no), dim=-1).values[..., :n_s]  # [B,H,Ks]
             key = pos[None, None, :, None] - (sidx[:, :, None, :] - (nq - 1))  # [B,H,R,Ks]
-            oks = (sidx[:, :, None, :] < no) & (key >= 0) & (key < nk)
             kc = key.clamp(0, nk - 1)
+            oks = (sidx[:, :, None, :] < no) & (key >= 0) & (key < nk)
             oks = oks & torch.gather(kreal[:, None, :].expand(b, hq, nk), 2, kc.flatten(2)).view_as(kc)
             oks = oks & ~torch.gather(vm, 2, kc.flatten(2)).view_as(kc)  # a vertical is counted once
             if causal:
                 oks = oks & (key <= pos[None, None, :, None])
             flat_s = (base[:, :, :, None] + kc).reshape(-1)
-            ksg = kflat.index_select(0, flat_s).view(b, hq, a1 - a0, ks_n, d)
-            vsg = vflat.index_select(0, flat_s).view(b, hq, a1 - a0, ks_n, dv)
-            zs = torch.matmul(ksg, qs[..., None])[..., 0]  # [B,H,R,Ks]
-            zs = zs.masked_fill(~oks, NEG_INF)
-            z = torch.cat([zv, zs], dim=-1)
-            mx = z.amax(dim=-1, keepdim=True)
-            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-            e = torch.exp(z - mx)
-            s = e.sum(dim=-1, keepdim=True)
-            pr = e / torch.where(s > 0, s, torch.ones_like(s))
-            o = torch.matmul(pr[..., :kv_n], vvg) + torch.matmul(pr[..., None, kv_n:], vsg)[..., 0, :]
-            out[:, :, a0:a1] = o
+            ksg = kflat.index_select(0, flat_s).view(b, hq, a1 - a0, n_s, d)
+            vsg = vflat.index_select(0, flat_s).view(b, hq, a1 - a0, n_s, dv)
+            zs = torch.matmul(ksg, qs[..., None])[..., 0].masked_fill(~oks, NEG_INF)
+            pr = _softmax_rows(torch.cat([zv, zs], dim=-1))
+            out[:, :, a0:a1] = torch.matmul(pr[..., :kv_n], vvg) + torch.matmul(pr[..., None, kv_n:], vsg)[..., 0, :]
     return out
 
 
