@@ -339,6 +339,8 @@ def upsample(sel, bs):
 def test_head_hybrid_rejects_bad_kinds():
     with pytest.raises(BadInput, match=r"^kinds\[1\]='retrieval'"):
         HeadHybridParams(kinds=("dense", "retrieval"))
+    with pytest.raises(BadInput, match="^kinds='dense' is not a list"):
+        HeadHybridParams(kinds="dense")
     with pytest.raises(BadInput, match="^sparse="):
         HeadHybridParams(sparse="pyramid")
     q, k, v = _qkv(b=1, hq=6, hkv=2, nq=32)
@@ -539,6 +541,10 @@ def test_vertical_slash_fast_path_odd_shapes_and_density():
             got = var.run(qq, k, v, ctx, p)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
     want_d = var.achieved_density(q, k, v, ctx, p)
+    from surgeon.attention.vertical_slash import pattern_density
+
+    pat = vs_pattern(q, k, ctx, p)
+    assert pattern_density(pat, 37, 103, 16, True, ctx.key_padding, rows=5) == pytest.approx(want_d, rel=1e-12)
     allow = torch.ones(37, 103, dtype=torch.bool).tril(103 - 37) & ctx.key_padding[:, None, None, :]
     keep = var.keep_mask(q, k, v, ctx, p) & allow
     assert want_d == pytest.approx(float(keep.sum()) / float(allow.expand_as(keep).sum()), rel=1e-9)

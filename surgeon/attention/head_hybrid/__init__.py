@@ -65,6 +65,8 @@ class HeadHybridParams(VariantParams):
     local_blocks: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.kinds, str):
+            raise BadInput(f"kinds={self.kinds!r} is not a list", "give one kind per KV group, e.g. [dense, streaming]")
         for i, kd in enumerate(self.kinds):
             if kd not in KINDS:
                 raise BadInput(f"kinds[{i}]={kd!r} is not a head kind", f"use one of: {', '.join(KINDS)}")

@@ -202,14 +202,15 @@ def vs_pattern(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: VerticalSl
     return VSPattern(vertical=vert, slash=slash)
 
 
-def pattern_keep(pat: VSPattern, nq: int, nk: int, block_size: int) -> torch.Tensor:
-    """Token keep mask [B,Hq,Nq,Nk] of a pattern (reference use only)."""
+def pattern_keep(pat: VSPattern, nq: int, nk: int, block_size: int, r0: int = 0, r1: Optional[int] = None) -> torch.Tensor:
+    """Token keep mask [B,Hq,r1−r0,Nk] of query rows r0 … r1−1 (default all; reference use)."""
+    r1 = nq if r1 is None else r1
     dev = pat.vertical.device
-    blk = torch.arange(nq, device=dev) // block_size
-    v = pat.vertical[:, :, blk]  # [B,H,Nq,Nk]
-    s = pat.slash[:, :, blk]  # [B,H,Nq,O]
-    pos = (nk - nq) + torch.arange(nq, device=dev)
-    o = pos[:, None] - torch.arange(nk, device=dev)[None, :] + (nq - 1)  # [Nq, Nk] in [0, O)
+    blk = torch.arange(r0, r1, device=dev) // block_size
+    v = pat.vertical[:, :, blk]  # [B,H,R,Nk]
+    s = pat.slash[:, :, blk]  # [B,H,R,O]
+    pos = (nk - nq) + torch.arange(r0, r1, device=dev)
+    o = pos[:, None] - torch.arange(nk, device=dev)[None, :] + (nq - 1)  # [R, Nk] in [0, O)
     return v | torch.gather(s, 3, o[None, None].expand(s.shape[0], s.shape[1], -1, -1))
 
 
@@ -341,17 +342,22 @@ def vertical_slash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def pattern_density(pat: VSPattern, nq: int, nk: int, block_size: int, causal: bool,
-                    key_padding: Optional[torch.Tensor]) -> float:
-    """Kept pairs / dense pairs, from the token keep mask (exact, O(B·Hq·Nq·Nk) bools)."""
+                    key_padding: Optional[torch.Tensor], rows: int = 256) -> float:
+    """Kept pairs / dense pairs, counted exactly from the token pattern, ``rows`` query rows at
+    a time (memory O(B·Hq·rows·Nk))."""
     b, hq = pat.vertical.shape[:2]
     dev = pat.vertical.device
-    keep = pattern_keep(pat, nq, nk, block_size)
-    if causal:
-        pos = (nk - nq) + torch.arange(nq, device=dev)
-        keep = keep & (torch.arange(nk, device=dev)[None, :] <= pos[:, None])
-    keep = keep & real_keys(key_padding, b, nk, dev)[:, None, None, :]
+    real = real_keys(key_padding, b, nk, dev)[:, None, None, :]
+    kept = 0.0
+    for r0 in range(0, nq, rows):
+        r1 = min(nq, r0 + rows)
+        keep = pattern_keep(pat, nq, nk, block_size, r0, r1) & real
+        if causal:
+            pos = (nk - nq) + torch.arange(r0, r1, device=dev)
+            keep = keep & (torch.arange(nk, device=dev)[None, :] <= pos[:, None])
+        kept += float(keep.sum().item())
     dense = dense_pair_count(nq, nk, causal, key_padding, dev).sum(dim=1).expand(b) * hq
-    return float(keep.sum().item()) / max(float(dense.sum().item()), 1.0)
+    return kept / max(float(dense.sum().item()), 1.0)
 
 
 class VerticalSlash(Variant):
