@@ -628,3 +628,35 @@ def _valid(out, ctx):
         nq = out.shape[2]
         return ctx.key_padding[:, -nq:][:, None, :, None].expand_as(out)
     return torch.ones_like(out, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("block_topp", {"p": 0.7, "block_size": 4, "stride": 2}),
+    ("head_hybrid", {"kinds": ["streaming", "sparse"], "sink_tokens": 2, "window": 6, "p": 0.7, "block_size": 4,
+                     "stride": 2}),
+    ("token_topp", {"n_init": 2, "n_local": 4, "p": 0.7, "chunk": 8}),
+    ("vertical_slash", {"n_vertical": 3, "n_slash": 3, "last_q": 4, "block_size": 8, "sink_tokens": 1, "local": 2}),
+])
+def test_adaptive_lowerings_type_check_and_run_in_float16(name, params):
+    """float16 bodies at opset 18 pass the full checker, run, and track the float32 op on the same
+    (float16-rounded) inputs (these inputs have no selection near-ties)."""
+    import onnx
+
+    from surgeon.exporters import onnx_lowering as L
+
+    var = get_variant(name)
+    cfg = encode_config(name, var.params_from(params), {"kv_heads": 2, "site": "s", "layer": 0})
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 32, 8, generator=g).half(), torch.randn(2, 2, 32, 8, generator=g).half(),
+               torch.randn(2, 2, 32, 8, generator=g).half())
+    kp = _pad(2, 32, (0, 4))
+    feeds = {"q": q, "k": k, "v": v, "key_padding": kp}
+    proto = L.single_op_model(name, cfg, True, 0.35, feeds, opset=18)
+    onnx.checker.check_model(proto, full_check=True)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})[0]
+    assert got.dtype == np.float16 and np.isfinite(got.astype(np.float32)).all()
+    with use_impl("reference"):
+        want = op_for(name)(q.float(), k.float(), v.float(), kp, None, True, 0.35, cfg)
+    want = (want[0] if isinstance(want, tuple) else want).numpy()
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=5e-3, atol=5e-3)
