@@ -234,3 +234,42 @@ def test_frontier_plot_and_report_from_a_planner_record():
     html = render_rewrite_report({"model": "m", "gate": [{"seq_len": 64, "loss": 0.002}], "tolerance": 0.01,
                                   "ok": True}, rec)
     assert "data:image/png;base64," in html and "block_topk" in html and "+0.200%" in html
+
+
+@pytest.mark.parametrize("family", ["surgeon", "hylra", "block_topk", "token_topk", "window_sink", "block_topp",
+                                    "token_topp", "head_hybrid", "vertical_slash"])
+def test_every_family_builds_a_policy_that_rewrites(family, minilm, minilm_cap, minilm_profile):
+    from surgeon.passes.rewrite import rewrite
+    from surgeon.profiles.profile_doc import Profile
+    from surgeon.profiles.tolerance import ToleranceSettings, _grid, family_policy
+
+    prof = Profile.load(minilm_profile[0])
+    grid = _grid(family)
+    assert list(grid) == sorted(grid, reverse=family not in ("surgeon", "head_hybrid")), "gentle → aggressive"
+    knob = grid[1] if family == "hylra" else grid[len(grid) // 2]  # hylra: above the 64-token plan's floor
+    pol = family_policy(family, knob, prof, minilm_cap, minilm, 64,
+                        ToleranceSettings(families=(family,)))
+    assert set(pol.sites) == {s.name for s in minilm_cap.sites}
+    rewrite(minilm_cap, pol)
+
+
+def test_duo_family_streams_the_groups_with_most_sink_and_local_mass(minilm, minilm_cap, minilm_profile):
+    from surgeon.profiles.profile_doc import Profile
+    from surgeon.profiles.tolerance import duo_policy
+
+    prof = Profile.load(minilm_profile[0])
+    pol = duo_policy(prof, minilm_cap, 0.25, minilm.fingerprint())
+    by = {s.name: s for s in prof.sites}
+    scored = []
+    for site in minilm_cap.sites:
+        per = site.heads // site.kv_heads
+        for j in range(site.kv_heads):
+            sp = by[site.name]
+            scored.append((sum(sp.local_mass[h] + sp.primary_sink_mass[h] for h in range(j * per, (j + 1) * per)) / per,
+                           site.name, j))
+    chosen = {(n, j) for n, ch in pol.sites.items() if ch.variant == "head_hybrid"
+              for j, k in enumerate(ch.params["kinds"]) if k == "streaming"}
+    assert len(chosen) == round(0.25 * len(scored))
+    worst_chosen = min(s for s, n, j in scored if (n, j) in chosen)
+    best_other = max(s for s, n, j in scored if (n, j) not in chosen)
+    assert worst_chosen >= best_other

@@ -25,7 +25,13 @@ Algorithm (:func:`plan_within_tolerance`)
    - ``hylra`` — the profile planner of :mod:`surgeon.profiles.plan` (HyLRA layer roles, HeSS
      per-head keeps) at a compute budget; the knob is the budget.
    - ``block_topk``, ``token_topk``, ``window_sink`` — the single methods, uniform on every site;
-     the knob is the keep fraction (window: the window as a fraction of the length).
+     the knob is the keep fraction (window: the window as a fraction of the length);
+   - ``block_topp``, ``token_topp`` (FlexPrefill-style and token-level mass budgets; knob p),
+     ``vertical_slash`` (MInference; knob: the column + diagonal budget as a fraction of the
+     length) and ``head_hybrid`` (DuoAttention: the share of KV groups, ranked model-wide by their
+     profiled sink + local mass, that become sink + window heads; :func:`duo_policy`).
+
+   Searched by default: ``DEFAULT_FAMILIES``; the others on request (``--families``).
 3. **Closed loop.** Per family, bisection over the knob (the loss is assumed monotone in it)
    with one check per step on the validation rows at every serving length (shortest first; a
    failing length ends the check). A point passes when its validation loss is ≤ ``margin · T``
@@ -56,12 +62,19 @@ import torch
 
 from surgeon.errors import BadInput
 
-FAMILIES = ("surgeon", "hylra", "block_topk", "token_topk", "window_sink")
+FAMILIES = ("surgeon", "hylra", "block_topk", "token_topk", "window_sink", "block_topp", "token_topp",
+            "head_hybrid", "vertical_slash")
+# searched unless --families says otherwise: the profile-driven plan, the adaptive methods and the
+# cheapest single-method baselines (every family costs ~5 closed-loop checks at every length)
+DEFAULT_FAMILIES = ("surgeon", "block_topp", "token_topk", "head_hybrid", "window_sink")
 # knob grids, gentle → aggressive
 EPS_GRID = (0.001, 0.002, 0.004, 0.007, 0.01, 0.015, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2)
 BUDGET_GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15)
 KEEP_GRID = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 WINDOW_GRID = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.05)
+P_GRID = (0.998, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8)
+STREAM_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)    # fraction of KV groups made streaming
+VS_GRID = (0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05)          # vertical + slash budget / length
 
 
 def check_tolerance(tolerance: Any) -> float:
@@ -88,7 +101,7 @@ class ToleranceSettings:
     val_tokens: int = 8192
     val_min_rows: int = 1
     margin: float = 0.5
-    families: tuple[str, ...] = FAMILIES
+    families: tuple[str, ...] = DEFAULT_FAMILIES
     speed_length: Optional[int] = None
     bench_repeats: int = 2
     dense_above: float = 0.75
@@ -252,14 +265,62 @@ def family_policy(family: str, knob: float, profile: Any, cap: Any, lm: Any, len
     elif family == "window_sink":
         pol = uniform_policy(fp, names, "window_sink", {"window": max(16, int(round(knob * length))),
                                                         "sink_tokens": 4})
+    elif family == "block_topp":
+        pol = uniform_policy(fp, names, "block_topp", {"p": knob, "block_size": bs})
+    elif family == "token_topp":
+        pol = uniform_policy(fp, names, "token_topp", {"p": knob, "n_init": 64, "n_local": 128})
+    elif family == "vertical_slash":
+        n = max(16, int(round(knob * length / 2)))
+        pol = uniform_policy(fp, names, "vertical_slash", {"n_vertical": n, "n_slash": n})
+    elif family == "head_hybrid":
+        return duo_policy(profile, cap, knob, fp)
     else:  # pragma: no cover — ToleranceSettings validates families
         raise BadInput(f"unknown family {family}", f"choose from {', '.join(FAMILIES)}")
     return pol.model_copy(update={"source": f"tolerance:{family} {knob:g}"})
 
 
+def duo_policy(profile: Any, cap: Any, fraction: float, fingerprint: str):
+    """DuoAttention-style head split [PROPOSED scoring]: every (site, KV group) is ranked model-wide
+    by its streaming score — the profiled attention mass its query heads put on the sink key plus
+    the ``local_window`` nearest keys (a head that attends only there loses nothing under
+    sink + window attention) — and the top ``fraction`` of groups become ``streaming`` (64 sink
+    tokens + a 256-token window, DuoAttention's setting), the rest stay dense, per site in one
+    ``head_hybrid`` op. Sites with no streaming group stay ``dense``."""
+    from surgeon.passes.policy import Policy, SiteChoice
+
+    by_name = {s.name: s for s in profile.sites}
+    scores: list[tuple[float, str, int]] = []
+    groups: dict[str, int] = {}
+    for site in cap.sites:
+        sp = by_name[site.name]
+        g = int(site.kv_heads)
+        per = max(1, int(site.heads) // g)
+        groups[site.name] = g
+        for j in range(g):
+            hs = range(j * per, (j + 1) * per)
+            score = sum(float(sp.local_mass[h]) + float(sp.primary_sink_mass[h]) for h in hs) / per
+            scores.append((score, site.name, j))
+    scores.sort(key=lambda t: (-t[0], t[1], t[2]))
+    take = int(round(fraction * len(scores)))
+    streaming: dict[str, set[int]] = {}
+    for _, name, j in scores[:take]:
+        streaming.setdefault(name, set()).add(j)
+    sites: dict[str, SiteChoice] = {}
+    for site in cap.sites:
+        st = streaming.get(site.name, set())
+        if not st:
+            sites[site.name] = SiteChoice(variant="dense", reason=f"tolerance:head_hybrid {fraction:g}")
+            continue
+        kinds = ["streaming" if j in st else "dense" for j in range(groups[site.name])]
+        sites[site.name] = SiteChoice(variant="head_hybrid", params={"kinds": kinds, "sink_tokens": 64, "window": 256},
+                                      reason=f"tolerance:head_hybrid {fraction:g}")
+    return Policy(model_fingerprint=fingerprint, source=f"tolerance:head_hybrid {fraction:g}", sites=sites)
+
+
 def _grid(family: str) -> tuple[float, ...]:
     return {"surgeon": EPS_GRID, "hylra": BUDGET_GRID, "block_topk": KEEP_GRID, "token_topk": KEEP_GRID,
-            "window_sink": WINDOW_GRID}[family]
+            "window_sink": WINDOW_GRID, "block_topp": P_GRID, "token_topp": P_GRID, "head_hybrid": STREAM_GRID,
+            "vertical_slash": VS_GRID}[family]
 
 
 # --------------------------------------------------------------------------- closed loop
