@@ -45,8 +45,9 @@ class SiteChoice(BaseModel):
     @model_serializer(mode="wrap")
     def _omit_default_decode(self, handler: Any) -> dict[str, Any]:
         d = handler(self)
-        if isinstance(d, dict) and d.get("decode") is None:
-            d.pop("decode", None)
+        for k in ("decode", "dense_below"):  # added after schema 1: absent when unset (older bytes unchanged)
+            if isinstance(d, dict) and d.get(k) is None:
+                d.pop(k, None)
         return d
 
 
@@ -90,9 +91,6 @@ class Policy(Artifact):
         d = self.model_dump(mode="json")
         if d.get("planner") is None:
             d.pop("planner", None)
-        for ch in d["sites"].values():
-            if ch.get("dense_below") is None:
-                ch.pop("dense_below", None)
         return canonical_json(d)
 
 
@@ -182,9 +180,17 @@ def check_recipe(recipe: Any) -> None:
     for glob, spec in recipe.items():
         if isinstance(spec, str):
             spec = {"variant": spec}
+        if isinstance(spec, dict) and set(spec) == {"decode"}:  # a decode mode only
+            decode_spec_from(spec["decode"], glob)
+            continue
         if not isinstance(spec, dict) or "variant" not in spec:
             raise BadInput(f"recipe entry '{glob}' has no variant", f"valid variants: {', '.join(sorted(VARIANTS))}")
         spec = dict(spec)
+        decode_spec_from(spec.pop("decode", None), glob)
+        below = spec.pop("dense_below", None)
+        if below is not None and (isinstance(below, bool) or not isinstance(below, int) or below < 1):
+            raise BadInput(f"recipe entry '{glob}': dense_below = {below!r} is not a positive number of tokens",
+                           "give e.g. dense_below: 2048 (shorter inputs run dense)")
         variant = spec.pop("variant")
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise BadInput(f"recipe entry '{glob}' names unknown variant '{variant}'",
@@ -259,9 +265,10 @@ def policy_from_recipe(recipe: dict[str, Any], fingerprint: str, site_names: lis
             mods.append(Modulator(variant=mv, params={k: v for k, v in m.items() if k != "variant"}))
         bmf = spec.pop("block_mask_from", None)
         dec = decode_spec_from(spec.pop("decode", None), glob)
+        below = spec.pop("dense_below", None)
         for n in matched:
             sites[n] = SiteChoice(variant=variant, params=spec, block_mask_from=bmf, modulators=mods,
-                                  reason=f"recipe:{glob}", decode=dec)
+                                  reason=f"recipe:{glob}", decode=dec, dense_below=below)
     return Policy(model_fingerprint=fingerprint, source="recipe", sites=sites)
 
 
