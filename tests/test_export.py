@@ -358,32 +358,47 @@ def test_plugin_runtime_computes_the_op_from_int32_masks():
 _TRITON_SCRIPT = r"""
 import json, torch
 from surgeon.exporters.trt_plugins import surgeon_runtime as R
-from surgeon.kernels.triton_common import interpreter_active
+import surgeon.kernels.dispatch as dispatch
+import surgeon.kernels.triton_blocksparse as tbs
+from surgeon.kernels.triton_common import interpreter_active, kernel_supports
 from surgeon.attention import get_variant, use_impl
 from surgeon.attention.base import encode_config
 from surgeon.attention.ops import op_for
+calls = []
+real = tbs.blocksparse_attention
+def spy(*a, **kw):
+    calls.append(1)
+    return real(*a, **kw)
+tbs.blocksparse_attention = spy
+# stand in for a CUDA device: the interpreter runs the kernel on CPU tensors
+dispatch.triton_eligible = lambda q, k, v, qb, kb: qb == kb and kernel_supports(q, k, v, qb)
 hq, hkv, d, n = 4, 2, 16, 40
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, h, n, d, generator=g) for h in (hq, hkv, hkv))
 kp = torch.ones(2, n, dtype=torch.bool); kp[1, :6] = False
 cfg = encode_config("block_topk", get_variant("block_topk").example_params(n, hq), {"kv_heads": hkv})
 rcfg = encode_config("reuse", get_variant("reuse").params_from({"block_size": 16}), {"kv_heads": hkv})
-tri = R._triton_blocksparse("block_topk", q, k, v, kp, None, True, 0.25, cfg, None)
+tri = R.compute("block_topk", {"q": q, "k": k, "v": v, "key_padding": kp.to(torch.int32)}, cfg, True, 0.25)
+n_topk = len(calls)
 with use_impl("reference"):
     w_out, w_mask = op_for("block_topk")(q, k, v, kp, None, True, 0.25, cfg)
     w_r = op_for("reuse")(q, k, v, kp, None, True, 0.25, rcfg, w_mask)
-tri_r = R._triton_blocksparse("reuse", q, k, v, kp, None, True, 0.25, rcfg, w_mask)
-print(json.dumps({"interpreter": interpreter_active(), "ran": tri is not None and tri_r is not None,
+n0 = len(calls)
+tri_r = R.compute("reuse", {"q": q, "k": k, "v": v, "key_padding": kp.to(torch.int32),
+                            "block_mask": w_mask.to(torch.int32)}, rcfg, True, 0.25)
+n_reuse = len(calls) - n0
+print(json.dumps({"interpreter": interpreter_active(), "ran": n_topk >= 1 and n_reuse >= 1,
                   "out": float((tri[0] - w_out).abs().max()),
-                  "mask": bool(torch.equal(tri[1].reshape(w_mask.shape), w_mask)),
+                  "mask": bool(torch.equal(tri[1].bool().reshape(w_mask.shape), w_mask)),
                   "reuse": float((tri_r[0] - w_r).abs().max())}))
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_plugin_runtime_triton_path_under_interpreter():
-    """block_topk/reuse plugins run the Triton block-sparse kernel; on the CPU it runs under
-    TRITON_INTERPRET=1 (set before triton is imported, hence a subprocess)."""
+    """block_topk/reuse plugins run the op, whose dispatch reaches the Triton block-sparse kernel;
+    on the CPU it runs under TRITON_INTERPRET=1 (set before triton is imported, hence a
+    subprocess) with the dispatcher's CUDA check standing in for a GPU."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=300)

@@ -1288,7 +1288,7 @@ def lower_window_sink(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value
 
 @dataclasses.dataclass(frozen=True)
 class BlockGrid:
-    """ONNX values of :class:`surgeon.kernels.blocksparse_cpu.BlockGeometry` (dynamic lengths).
+    """ONNX values of :class:`surgeon.kernels.geometry.BlockGeometry` (dynamic lengths).
 
     nqb/nkb: 0-D int64 block counts; qb/kb: [nqb]/[nkb] block indices; q_first/q_last: [nqb]
     query positions; k_start/k_end: [nkb] first/last key position of each key block;
@@ -1403,7 +1403,7 @@ def query_weights(op: LoweringBuilder, q: ir.Value, k: ir.Value, key_padding: Op
 
 def select_top(op: LoweringBuilder, scores: ir.Value, allowed: ir.Value, forced: ir.Value, candidate: ir.Value,
                counts: ir.Value) -> ir.Value:
-    """``blocksparse_cpu.select_top``: forced allowed blocks (+inf) plus the best-scoring
+    """``geometry.select_top``: forced allowed blocks (+inf) plus the best-scoring
     eligible allowed blocks up to ``counts`` per row; ties toward the lower block index (ONNX
     TopK's documented tie-break). scores [B,H,R,C]; allowed/forced [R,C]; candidate
     broadcastable; counts [H,R] int64. Returns bool [B,H,R,C]."""
@@ -1419,7 +1419,7 @@ def select_top(op: LoweringBuilder, scores: ir.Value, allowed: ir.Value, forced:
 
 
 def keep_counts(op: LoweringBuilder, fractions: Sequence[float], allowed: ir.Value) -> ir.Value:
-    """⌈fraction_h · n_allowed_r − 1e−9⌉ in float64: [H, R] int64 (``blocksparse_cpu.keep_counts``)."""
+    """⌈fraction_h · n_allowed_r − 1e−9⌉ in float64: [H, R] int64 (``geometry.keep_counts``)."""
     n_allowed = op.Cast(op.ReduceSum(op.Cast(allowed, to=ir.DataType.INT64), op.ints([-1]), keepdims=0),
                         to=ir.DataType.DOUBLE)
     frac = op.Constant(value=ir.tensor(np.asarray(fractions, dtype=np.float64).reshape(-1, 1)))
@@ -1475,7 +1475,7 @@ def lower_reuse(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_
 
 
 def recent_blocks(op: LoweringBuilder, g: BlockGrid, sink_blocks: int, recent_tokens: int) -> ir.Value:
-    """Bool [nqb, nkb] (``blocksparse_cpu.recent_blocks``): the first ``sink_blocks`` key blocks
+    """Bool [nqb, nkb] (``geometry.recent_blocks``): the first ``sink_blocks`` key blocks
     plus every key block overlapping [q_first − recent + 1, q_last + recent − 1], among allowed."""
     lo = op.Unsqueeze(op.Sub(g.q_first, op.int_scalar(recent_tokens - 1)), op.ints([1]))
     hi = op.Unsqueeze(op.Add(g.q_last, op.int_scalar(recent_tokens - 1)), op.ints([1]))

@@ -46,7 +46,7 @@ from surgeon.exporters.onnx_lowering import (
 
 def exact_query_weights(op: LoweringBuilder, q: ir.Value, k: ir.Value, key_padding: Optional[ir.Value],
                         causal: bool) -> ir.Value:
-    """Real-query weights [B|1, Nq], exactly ``blocksparse_cpu.query_validity``: the last Nq
+    """Real-query weights [B|1, Nq], exactly ``geometry.query_validity``: the last Nq
     entries of key_padding when causal or when Nq == Nk (decided at run time, so a model with
     distinct symbolic lengths still matches when they happen to be equal), else ones."""
     ones = _ones_row(op, q, q)

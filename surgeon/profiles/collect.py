@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from surgeon.capture import Captured, Site, _sdpa_args, sdpa_nodes
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import block_geometry, keep_counts, select_top, sink_local_blocks
+from surgeon.kernels.geometry import block_geometry, keep_counts, select_top, sink_local_blocks
 from surgeon.models import LoadedModel
 from surgeon.passes.policy import Policy
 from surgeon.profiles.data import CalibrationData, load_calibration

@@ -18,7 +18,7 @@ Choices made here (documented because the sources leave them open):
   it exceeds the forced blocks. The causal-boundary blocks are forced because their pooled
   key would otherwise let a future token change earlier outputs.
 * Causal pooled query: the mean over the ``block_size`` query rows ending at the block's first
-  row (see :func:`surgeon.kernels.blocksparse_cpu.pooled_queries`); non-causal: the block's
+  row (see :func:`surgeon.kernels.geometry.pooled_queries`); non-causal: the block's
   own rows. Pooling ignores padded tokens; key blocks with no real key are never picked by
   top-k (only as forced blocks, harmless since token masks still apply).
 * Ties are broken toward the lower block index.
@@ -33,11 +33,11 @@ from typing import Optional
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import (
+from surgeon.kernels.dispatch import block_sparse_attention
+from surgeon.kernels.geometry import (
     block_geometry,
     block_mask_density,
     block_pair_counts,
-    block_sparse_attention,
     keep_counts,
     pooled_keys,
     pooled_queries,

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from surgeon.attention.block_consumer import BlockMaskConsumer
-from surgeon.kernels.blocksparse_cpu import (
+from surgeon.kernels.geometry import (
     NEG_INF,
     block_geometry,
     check_block_mask,

@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import (
+from surgeon.kernels.geometry import (
     causal_block_bounds,
     block_pair_counts,
     num_blocks,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from surgeon.kernels.blocksparse_cpu import block_geometry, check_block_mask, num_blocks, sink_local_blocks
+from surgeon.kernels.geometry import block_geometry, check_block_mask, num_blocks, sink_local_blocks
 from surgeon.attention.base import AttnContext, VariantParams, check_range
 from surgeon.attention.block_consumer import BlockMaskConsumer
 from surgeon.attention.block_topk import topk_block_mask

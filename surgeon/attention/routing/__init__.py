@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import query_validity
+from surgeon.kernels.geometry import query_validity
 from surgeon.kernels.gather_cpu import gathered_attention, padding_bias, real_keys
 from surgeon.attention.base import (
     AttnContext,

@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from surgeon.kernels.blocksparse_cpu import pooled_queries, query_validity
+from surgeon.kernels.geometry import pooled_queries, query_validity
 from surgeon.kernels.gather_cpu import (
     dense_pair_count,
     gathered_attention,
