@@ -23,7 +23,6 @@ import torch
 
 from surgeon.artifacts import file_sha256
 from surgeon.errors import BadInput, CheckFailed
-from surgeon.exporters import blocksparse_lowering as BL
 from surgeon.exporters import onnx_lowering as L
 from surgeon.exporters import tensorrt as T
 from surgeon.exporters.pipeline import SUPPORTED_OPSETS, ExportManifest, VerificationFailed, export_rewritten
@@ -260,7 +259,7 @@ def test_variant_without_lowering_is_bad_input_before_export(tiny_sparse, tmp_pa
     must be refused before any export work: simulated by unregistering window_sink's lowering."""
     lm, cap, _ = tiny_sparse
     name = "window_sink"
-    monkeypatch.delitem(L._LOWERINGS, name)
+    monkeypatch.setattr(get_variant(name), "lowerings", lambda: {})
     assert name not in L.lowered_variants()
     site = cap.sites[0]
     params = get_variant(name).example_params(64, site.heads).to_dict()
@@ -295,7 +294,7 @@ def test_failed_comparison_is_check_failed_with_table_and_writes_nothing(tiny_de
 # --------------------------------------------------------------------------- lowerings and plugin runtime
 
 
-@pytest.mark.parametrize("name", [n for n in BL.FAST_VARIANTS if n in VARIANTS])
+@pytest.mark.parametrize("name", [n for n in L.gathered_variants() if n in VARIANTS])
 def test_gathered_lowering_equals_token_mask_lowering_and_op(name):
     """The gathered bodies give the op's outputs (block masks bit-equal) for causal and
     bidirectional sites, GQA, left padding, ragged blocks and Nq < Nk."""
@@ -318,10 +317,9 @@ def test_gathered_lowering_equals_token_mask_lowering_and_op(name):
             with use_impl("reference"):
                 want = op_for(name)(q, k, v, kp, None, causal, 0.3, cfg, feeds.get("block_mask"))
             want = list(want) if isinstance(want, (tuple, list)) else [want]
-            for mode in BL.LOWERING_MODES:
+            for mode in L.LOWERING_MODES:
                 if (mode, nq == nk) not in protos:
-                    with BL.use_lowerings(mode):
-                        protos[(mode, nq == nk)] = L.single_op_model(name, cfg, causal, 0.3, feeds)
+                    protos[(mode, nq == nk)] = L.single_op_model(name, cfg, causal, 0.3, feeds, lowering=mode)
                 sess = ort.InferenceSession(protos[(mode, nq == nk)].SerializeToString(),
                                             providers=["CPUExecutionProvider"])
                 got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})
@@ -329,7 +327,11 @@ def test_gathered_lowering_equals_token_mask_lowering_and_op(name):
                                            err_msg=f"{name} {mode} causal={causal} nq={nq} nk={nk}")
                 for gm, wm in zip(got[1:], want[1:]):
                     np.testing.assert_array_equal(gm.reshape(wm.shape), wm.numpy())
-    assert BL.current_mode() in BL.LOWERING_MODES
+    # the modes really are two bodies, and the default one is the token-mask body
+    bodies = {m: [[n.op_type for n in f.node] for f in protos[(m, True)].functions] for m in L.LOWERING_MODES}
+    assert bodies["gather"] != bodies["mask"]
+    assert L.get_lowering(name) is var.lowerings()["mask"]
+    assert L.get_lowering(name, "gather") is var.lowerings()["gather"]
 
 
 def test_plugin_runtime_computes_the_op_from_int32_masks():

@@ -18,7 +18,8 @@ from surgeon.attention import AttnContext, get_variant
 from surgeon.attention.base import encode_config
 from surgeon.attention.ops import op_for
 from surgeon.errors import BadInput
-from surgeon.exporters import blocksparse_lowering as BL
+from surgeon.attention.window_sink.lowering import window_keep
+from surgeon.exporters import onnx_kit as K
 from surgeon.exporters import onnx_lowering as L
 from test_onnx_lowering import D, HKV, HQ, _rand  # shared sizes and seeded inputs
 
@@ -171,7 +172,7 @@ def test_matrix_covers_every_lowered_sparse_variant():
     assert sparse <= set(SPARSE), sorted(sparse - set(SPARSE))
 
 
-@pytest.mark.parametrize("name", [n for n in BL.FAST_VARIANTS if n in SPARSE])
+@pytest.mark.parametrize("name", [n for n in L.gathered_variants() if n in SPARSE])
 def test_gather_lowering_falls_back_to_mask_with_modulators(name):
     """The gathered block-sparse bodies cannot apply edits; with modulators they use the token-mask
     body (same function as the "mask" mode) and still equal the op."""
@@ -183,9 +184,8 @@ def test_gather_lowering_falls_back_to_mask_with_modulators(name):
         feeds["block_mask"] = torch.from_numpy(_torch_op(prod, _config(prod, SPARSE[prod], None), q, k, v, kp,
                                                          True)[1])
     bodies = {}
-    for mode in BL.LOWERING_MODES:
-        with BL.use_lowerings(mode):
-            proto = L.single_op_model(name, cfg, True, SCALE, feeds)
+    for mode in L.LOWERING_MODES:
+        proto = L.single_op_model(name, cfg, True, SCALE, feeds, lowering=mode)
         bodies[mode] = [n.op_type for f in proto.functions for n in f.node]
         sess = _session(proto)
         got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})
@@ -226,11 +226,11 @@ def test_lowering_that_ignores_modulators_is_refused(monkeypatch):
     """A lowering that never calls modulator_edits cannot export a modulated site."""
 
     def ignores(op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask):
-        p = L._params(config)
-        keep = L.window_keep(op, q, k, causal, int(p.sink_tokens), int(p.window))
-        return L.attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep)
+        p = K.params_of(config)
+        keep = window_keep(op, q, k, causal, int(p.sink_tokens), int(p.window))
+        return K.attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep)
 
-    monkeypatch.setitem(L._LOWERINGS, "window_sink", ignores)
+    monkeypatch.setattr(get_variant("window_sink"), "lowerings", lambda: {"mask": ignores})
     q, k, v, kp = _inputs(*SHAPES[0])
     feeds = {"q": q, "k": k, "v": v, "key_padding": kp}
     with pytest.raises(BadInput) as e:

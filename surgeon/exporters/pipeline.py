@@ -10,8 +10,8 @@ What :func:`export_rewritten` does, in order (nothing is written until every ste
    that is not a surgeon rewrite is :class:`BadInput`);
 2. exports the rewritten program with :func:`surgeon.exporters.onnx_lowering.export_program`:
    every ``surgeon::`` op is one node calling an ONNX function of domain ``surgeon`` whose body
-   is standard ONNX (block-sparse variants use the gathered bodies of
-   :mod:`surgeon.exporters.blocksparse_lowering`); batch and sequence axes stay dynamic and are
+   is standard ONNX (block-sparse variants use their gathered bodies with ``lowering="gather"``,
+   see :mod:`surgeon.exporters.onnx_blocks`); batch and sequence axes stay dynamic and are
    named after the rewrite's dynamic-axes spec (``batch``, ``seq``); weights go to
    ``model.onnx.data``; ``onnx.checker.check_model(full_check=True)`` must pass;
 3. verifies (default on): onnxruntime (CPU) and PyTorch (the loaded rewritten program) run the
@@ -367,7 +367,6 @@ def export_rewritten(
     Raises :class:`BadInput` (exit 2) for unusable arguments or folders and
     :class:`VerificationFailed` (exit 1) when outputs differ; nothing is written then.
     """
-    from surgeon.exporters import blocksparse_lowering as BL
     from surgeon.exporters import onnx_lowering as L
     from surgeon.passes.rewrite import load_rewritten
 
@@ -375,8 +374,8 @@ def export_rewritten(
     seconds: dict[str, float] = {}
     lengths = tuple(lengths)
     _check_args(fmt, opset, lengths, precision)
-    if lowering not in BL.LOWERING_MODES:
-        raise BadInput(f"unknown block-sparse lowering '{lowering}'", f"use one of: {', '.join(BL.LOWERING_MODES)}")
+    if lowering not in L.LOWERING_MODES:
+        raise BadInput(f"unknown block-sparse lowering '{lowering}'", f"use one of: {', '.join(L.LOWERING_MODES)}")
     src = Path(rewritten)
     if not src.is_dir():
         raise BadInput(f"{src} is not a folder", "give a folder written by `surgeon rewrite`")
@@ -404,8 +403,8 @@ def export_rewritten(
         say(f"exporting to ONNX (opset {opset})")
         t0 = time.perf_counter()
         example = inputs.make(*inputs.cases[0], seed=0)
-        with BL.use_lowerings(lowering):
-            res = L.export_program(rw.program, example, None, tmp / MODEL_FILE, opset=opset, external_data=True)
+        res = L.export_program(rw.program, example, None, tmp / MODEL_FILE, opset=opset, external_data=True,
+                               lowering=lowering)
         n_out = len(rw.program.graph_signature.user_outputs)
         wanted = [_OUTPUT_NAMES.get(rw.manifest.model_kind, "output")] if n_out == 1 else \
             [f"output_{i}" for i in range(n_out)]

@@ -114,6 +114,7 @@ def topk_block_mask(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, fraction
 
 class BlockTopK(Variant):
     name = "block_topk"
+    lowering_module = "surgeon.attention.block_topk.lowering"
     Params = BlockTopKParams
     family = "sparse"
     description = ("block-sparse attention: each query block keeps its top key blocks by pooled QK "

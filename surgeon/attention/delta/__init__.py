@@ -182,6 +182,7 @@ def delta_page_mask(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, keep: fl
 
 class Delta(Variant):
     name = "delta"
+    lowering_module = "surgeon.attention.delta.lowering"
     Params = DeltaParams
     family = "dense"  # a Δ-layer attends densely; its sparsity shows in the layers it plans for
     description = "DELTA Δ-layer: dense attention plus per-query-block page selection for delta_sparse layers"
@@ -216,6 +217,7 @@ class Delta(Variant):
 
 class DeltaSparse(BlockMaskConsumer):
     name = "delta_sparse"
+    lowering_module = "surgeon.attention.delta.lowering"
     Params = DeltaSparseParams
     family = "sparse"
     description = "DELTA sparse layer: attention over the last Δ-layer's pages plus sink and recent pages"

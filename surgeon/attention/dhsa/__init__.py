@@ -158,6 +158,7 @@ def chunk_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
 
 class DHSA(Variant):
     name = "dhsa"
+    lowering_module = "surgeon.attention.dhsa.lowering"
     Params = DHSAParams
     family = "sparse"
     description = ("DHSA with fixed chunks: length-normalised chunk similarity picks whole key chunks "

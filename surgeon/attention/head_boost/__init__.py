@@ -122,6 +122,7 @@ def boost(z: torch.Tensor, alpha_h: torch.Tensor, w: torch.Tensor) -> torch.Tens
 
 class HeadBoost(ModulatedVariant):
     name = NAME
+    lowering_module = "surgeon.attention.head_boost.lowering"
     Params = HeadBoostParams
     description = "PAINT: z + alpha*|z| on chosen key spans in chosen heads (fused: SDPA with a span-logit bias)"
 

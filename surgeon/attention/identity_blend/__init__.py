@@ -68,6 +68,7 @@ def blend_weights(p: IdentityBlendParams, hq: int, nq: int, nk: int, key_padding
 
 class IdentityBlend(ModulatedVariant):
     name = NAME
+    lowering_module = "surgeon.attention.identity_blend.lowering"
     Params = IdentityBlendParams
     description = "SoftPAG: A' = (1-u)A + uI in chosen heads (fused: (1-u)*SDPA + u*V)"
 

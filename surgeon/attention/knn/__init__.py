@@ -188,6 +188,7 @@ def _finish(z: torch.Tensor, keep: torch.Tensor, zc: Optional[torch.Tensor], has
 
 class KNN(Variant):
     name = "knn"
+    lowering_module = "surgeon.attention.knn.lowering"
     Params = KNNParams
     family = "sparse"
     description = "K-NN context attention: per-query top-K keys by q·k plus a mean-token context column"

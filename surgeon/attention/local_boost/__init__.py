@@ -95,6 +95,7 @@ def head_gammas(p: LocalBoostParams, hq: int) -> list[float]:
 
 class LocalBoost(ModulatedVariant):
     name = NAME
+    lowering_module = "surgeon.attention.local_boost.lowering"
     Params = LocalBoostParams
     description = ("LocoRE [PROPOSED]: boost the w most recent keys by (1+gamma) and renormalise "
                    "(fused: SDPA + ln(1+gamma) bias)")

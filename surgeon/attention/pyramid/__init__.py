@@ -285,6 +285,7 @@ def pyramid_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lv: torch.
 
 class Pyramid(Variant):
     name = "pyramid"
+    lowering_module = "surgeon.attention.pyramid.lowering"
     Params = PyramidParams
     family = "sparse"
     description = ("PSA pyramid attention: key blocks attended at full resolution, through 2/4/8x "

@@ -40,6 +40,7 @@ class ReuseParams(VariantParams):
 
 class Reuse(BlockMaskConsumer):
     name = "reuse"
+    lowering_module = "surgeon.attention.reuse.lowering"
     Params = ReuseParams
     family = "sparse"
     description = "block-sparse attention over an anchor layer's block mask (HyLRA REUSE) plus sinks/local blocks"

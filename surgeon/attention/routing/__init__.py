@@ -175,6 +175,7 @@ def routing_keep(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: RoutingP
 
 class Routing(Variant):
     name = "routing"
+    lowering_module = "surgeon.attention.routing.lowering"
     Params = RoutingParams
     family = "sparse"
     description = ("BiFormer bi-level routing (training-free): each grid region attends to the tokens of "

@@ -103,6 +103,7 @@ def redistribute(a: torch.Tensor, sink: torch.Tensor, target: torch.Tensor, head
 
 class SinkRedistribute(ModulatedVariant):
     name = NAME
+    lowering_module = "surgeon.attention.sink_redistribute.lowering"
     Params = SinkRedistributeParams
     description = ("VAR: move (1-p) of the sink attention onto the target span in selected rows "
                    "(fused: SDPA with key-group indicator values)")

@@ -75,6 +75,7 @@ def position_factor(sigma: float, nq: int, nk: int, key_padding: Optional[torch.
 
 class Temperature(ModulatedVariant):
     name = NAME
+    lowering_module = "surgeon.attention.temperature.lowering"
     Params = TemperatureParams
     description = "SSA position temperature: logits of query i scaled by 1 + sigma*ln(i) (fused: scaled Q + SDPA)"
 

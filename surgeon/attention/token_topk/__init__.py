@@ -168,6 +168,7 @@ def selection_keep(sel: _Selection, nq: int, nk: int, chunk: int) -> torch.Tenso
 
 class TokenTopK(Variant):
     name = "token_topk"
+    lowering_module = "surgeon.attention.token_topk.lowering"
     Params = TokenTopKParams
     family = "sparse"
     description = ("TokenSelect token-level selection: per query chunk, init + soft-voted top-k keys "

@@ -71,6 +71,7 @@ def window_density(nq: int, nk: int, causal: bool, p: WindowSinkParams, key_padd
 
 class WindowSink(Variant):
     name = "window_sink"
+    lowering_module = "surgeon.attention.window_sink.lowering"
     Params = WindowSinkParams
     family = "sparse"
     description = "sliding-window attention plus attention-sink tokens"
