@@ -31,26 +31,26 @@ Per variant:
   w in ``windows`` (default {2, 5, 10}); the best (γ, w). ``scope="layer"``: per-site γ by
   coordinate descent at that w. Default sites: the middle third of the layers (methods.md).
 * ``head_boost`` (§11): per-head attention mass on the ``spans`` measured over the calibration
-  rows (causal sites: the queries from the spans' last token on; :func:`~surgeon.profiles.modulation.paint_span_mass`)
+  rows (causal sites: the queries from the spans' last token on; :func:`~surgeon.profiles.selectors.paint_span_mass`)
   gives the [PROPOSED] head-specific α_{l,h} = α·v_{l,h}/mean_h v_{l,h} clipped to [0, 2α]
-  (:func:`~surgeon.profiles.modulation.paint_head_alpha`); α = ``strength`` (0.7) or, with a
+  (:func:`~surgeon.profiles.selectors.paint_head_alpha`); α = ``strength`` (0.7) or, with a
   ``grid``, searched on the objective. Default sites: layers ≥ 2 (PAINT's l ∈ [2, L)).
   Default spans: the model's span metadata (vision: the patch tokens), else the first
   ``min(16, N/2)`` tokens (a system-prompt stand-in) [PROPOSED].
 * ``sink_redistribute`` (§8): the residual stream (each layer's input hidden states, from the
   Hugging Face model's ``output_hidden_states``; otherwise the query projection's input as a
-  proxy) gives the sink dimensions — dimensions :func:`~surgeon.profiles.modulation.find_sink_dims`
+  proxy) gives the sink dimensions — dimensions :func:`~surgeon.profiles.selectors.find_sink_dims`
   finds (first token ≫ ``sink_ratio`` × median) in at least half of the chosen layers — and, per
   layer, the sink positions (φ > τ in at least ``sink_min_frac`` = 0.75 of the rows [PROPOSED]:
   the variant's sinks are static positions, so content-dependent secondary sinks that appear
-  in only some rows are left out; :func:`~surgeon.profiles.modulation.sink_positions`).
+  in only some rows are left out; :func:`~surgeon.profiles.selectors.sink_positions`).
   A head qualifies when VAR's row rule
   selects at least ``head_frac`` (0.5, [PROPOSED]) of its query rows after the target span
-  (:func:`~surgeon.profiles.modulation.var_head_rows`). ``strength`` is p (0.6). The target is the
+  (:func:`~surgeon.profiles.selectors.var_head_rows`). ``strength`` is p (0.6). The target is the
   one ``spans`` entry (default as for head_boost). Default sites: layers 2 … L−2 (VAR skips the
   first two and the last).
 * ``identity_blend`` (§9): HeadHunter's greedy search
-  (:func:`~surgeon.profiles.modulation.headhunter_greedy`) over (layer, head) candidates with
+  (:func:`~surgeon.profiles.selectors.headhunter_greedy`) over (layer, head) candidates with
   SoftPAG strength u = ``strength`` (0.5): ``rounds`` rounds, ``k`` heads per round, a candidate
   set scored by the objective (minimised) with exactly those heads blended.
 
@@ -257,7 +257,7 @@ def check_options(variant: str, *, scope: str = "global", objective: Optional[st
     """Validate everything that does not need the model (before any loading); imports the objective.
 
     Options that do not apply to ``variant`` are refused rather than silently ignored."""
-    from surgeon.profiles.modulation import load_objective
+    from surgeon.profiles.selectors import load_objective
 
     if variant not in VARIANTS:
         raise BadInput(f"unknown variant '{variant}' for tune", f"use one of {', '.join(VARIANTS)}")
@@ -370,7 +370,7 @@ class Evaluator:
     def __init__(self, lm: LoadedModel, cap: Captured, data: CalibrationData, objective: str,
                  progress: Optional[Callable[[], None]] = None) -> None:
         from surgeon.profiles.collect import Collector, ProfileSettings, instrument
-        from surgeon.profiles.modulation import load_objective
+        from surgeon.profiles.selectors import load_objective
 
         self.lm, self.cap, self.data, self.spec = lm, cap, data, objective
         self.fn = load_objective(objective)
@@ -585,8 +585,8 @@ def measure_span_mass(cap: Captured, data: CalibrationData, sites: Sequence[int]
                       ) -> dict[int, torch.Tensor]:
     """Per site, per query head: mean attention mass on the key ``spans`` over the calibration
     rows, counting for causal sites only the query rows from the spans' last token on (the rows
-    that see all of them; :func:`surgeon.profiles.modulation.paint_span_mass`) → {site: [Hq] float64}."""
-    from surgeon.profiles.modulation import paint_span_mass
+    that see all of them; :func:`surgeon.profiles.selectors.paint_span_mass`) → {site: [Hq] float64}."""
+    from surgeon.profiles.selectors import paint_span_mass
 
     end = max(e for _, e in spans)
     return _row_means(
@@ -602,8 +602,8 @@ def measure_var_heads(cap: Captured, data: CalibrationData, sinks: dict[int, tup
                       target: tuple[int, int], rho: float, summ: float,
                       on_row: Optional[Callable[[int], None]] = None) -> dict[int, torch.Tensor]:
     """Per site, per query head: the fraction of query rows after ``target`` that VAR's
-    image-centric rule selects (:func:`surgeon.profiles.modulation.var_head_rows`) → {site: [Hq]}."""
-    from surgeon.profiles.modulation import var_head_rows
+    image-centric rule selects (:func:`surgeon.profiles.selectors.var_head_rows`) → {site: [Hq]}."""
+    from surgeon.profiles.selectors import var_head_rows
 
     return _row_means(
         cap, data, list(sinks),
@@ -861,7 +861,7 @@ def _tune_search(ev: Evaluator, cap: Captured, o: TuneOptions, sites: list[int])
 
 def _tune_head_boost(ev: Evaluator, cap: Captured, data: CalibrationData, o: TuneOptions, sites: list[int],
                      spans: tuple[tuple[int, int], ...], on_row: Callable[[int], None]) -> tuple[dict, dict]:
-    from surgeon.profiles.modulation import paint_head_alpha
+    from surgeon.profiles.selectors import paint_head_alpha
 
     names = [s.name for s in cap.sites]
     mass = measure_span_mass(cap, data, sites, spans, on_row)
@@ -902,7 +902,7 @@ def _tune_head_boost(ev: Evaluator, cap: Captured, data: CalibrationData, o: Tun
 def _tune_sink(ev: Evaluator, lm: LoadedModel, cap: Captured, data: CalibrationData, o: TuneOptions,
                sites: list[int], target: tuple[int, int], on_row: Callable[[int], None]) -> tuple[dict, dict]:
     from surgeon.attention.sink_redistribute import SinkRedistributeParams
-    from surgeon.profiles.modulation import find_sink_dims, find_sink_tokens, sink_positions
+    from surgeon.profiles.selectors import find_sink_dims, find_sink_tokens, sink_positions
 
     names = [s.name for s in cap.sites]
     hidden, source = residual_streams(lm, cap, data, sites)
@@ -947,7 +947,7 @@ def _tune_sink(ev: Evaluator, lm: LoadedModel, cap: Captured, data: CalibrationD
 
 
 def _tune_identity(ev: Evaluator, cap: Captured, o: TuneOptions, sites: list[int]) -> tuple[dict, dict]:
-    from surgeon.profiles.modulation import headhunter_greedy
+    from surgeon.profiles.selectors import headhunter_greedy
 
     names = [s.name for s in cap.sites]
     pool = [(i, h) for i in sites for h in (o.heads if o.heads is not None else range(cap.sites[i].heads))]

@@ -14,7 +14,7 @@ with α_h = ``head_alpha`` (per head) or ``alpha``; other heads and keys are unt
 * ``heads``: query-head indices (empty: all heads). ``head_alpha``: optional per-head strengths,
   one per entry of ``heads`` (or one per query head of the site when ``heads`` is empty), in
   [0, 10] — the [PROPOSED] head-specific PAINT α_h = α·v_h/mean v clipped to [0, 2α], computed
-  by :func:`surgeon.profiles.modulation.paint_head_alpha`.
+  by :func:`surgeon.profiles.selectors.paint_head_alpha`.
 * ``last_row_only``: PAINT as released edits only the last query row (each decode step, the
   last prefill position). Default False: every query row is boosted (prefill-wide use, which
   is what a rewritten prefill graph can express); set True for PAINT's exact behaviour.

@@ -13,7 +13,7 @@ Equivalent output form (:meth:`IdentityBlend.fused_hooks`, and the fused path):
 ``O' = (1 − u)·O + u·V_self`` with V_self the value at the query's own position — fused SDPA
 plus an elementwise blend, no N×N matrix.
 
-HeadHunter's greedy head search lives in :func:`surgeon.profiles.modulation.headhunter_greedy`.
+HeadHunter's greedy head search lives in :func:`surgeon.profiles.selectors.headhunter_greedy`.
 Guidance itself (ε̂ = (1+w)ε − w·ε_perturbed) is a sampling-loop matter outside this op.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``sink_redistribute``: VAR visual attention redistribution (methods.md §8).
 
 Definition (probability space, after the softmax). With S the ``sinks`` (key token indices,
-found offline by :func:`surgeon.profiles.modulation.find_sink_tokens`), T the ``target`` span
+found offline by :func:`surgeon.profiles.selectors.find_sink_tokens`), T the ``target`` span
 (VAR's image span; for text models e.g. the informative prompt span), V = S ∩ T the sinks inside
 the target and T' = T ∖ V, a row a = A[b, h, i, :] is *selected* when
 
