@@ -39,15 +39,37 @@ class EvalResult:
         return d
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, chunk: Optional[int] = 512) -> tuple[float, int]:
+    """Summed next-token cross-entropy (nats) and token count of logits [B, N, V] on ids [B, N]:
+    position t predicts token t + 1. Rows go ``chunk`` positions at a time (None: a whole row in
+    one call), each chunk's sum taken in float32 and accumulated as a Python float. The one
+    next-token cross-entropy of the project (evaluation, calibration sensitivity, tuning
+    objectives)."""
+    b, n = ids.shape
+    step = max(n - 1, 1) if chunk is None else chunk
+    total, count = 0.0, 0
+    for i in range(b):
+        for a in range(0, n - 1, step):
+            e = min(n - 1, a + step)
+            total += float(F.cross_entropy(logits[i, a:e].float(), ids[i, a + 1:e + 1], reduction="sum"))
+            count += e - a
+    return total, count
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, chunk: Optional[int] = 512) -> float:
+    """Mean next-token cross-entropy (nats) of logits [B, N, V] on ids [B, N] (:func:`next_token_nll`)."""
+    total, count = next_token_nll(logits, ids, chunk)
+    return total / max(count, 1)
+
+
 def lm_nll(module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and token count; ids/mask [R, N], one row at a time."""
     total, count = 0.0, 0
     with torch.no_grad():
         for r in range(ids.shape[0]):
-            logits = module(ids[r:r + 1], mask[r:r + 1])[0, :-1].float()
-            tgt = ids[r, 1:]
-            total += float(F.cross_entropy(logits, tgt, reduction="sum"))
-            count += int(tgt.numel())
+            t, c = next_token_nll(module(ids[r:r + 1], mask[r:r + 1]), ids[r:r + 1], chunk=None)
+            total += t
+            count += c
     return total, count
 
 

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 
 from surgeon.capture import Captured, Site, _sdpa_args, sdpa_nodes
 from surgeon.errors import BadInput
+from surgeon.evaluate import next_token_ce
 from surgeon.kernels.geometry import block_geometry, keep_counts, select_top, sink_local_blocks
 from surgeon.models import LoadedModel
 from surgeon.passes.policy import Policy
@@ -750,16 +751,6 @@ def _run(gm: torch.fx.GraphModule, inputs: tuple) -> Optional[torch.Tensor]:
         return None
 
 
-def causal_lm_ce(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 512) -> float:
-    """Mean next-token cross-entropy of logits [1, N, V] on ids [1, N] (no grad, chunked rows)."""
-    n = logits.shape[1] - 1
-    tot = 0.0
-    for a in range(0, n, chunk):
-        b = min(n, a + chunk)
-        tot += float(F.cross_entropy(logits[0, a:b].float(), ids[0, a + 1:b + 1], reduction="sum"))
-    return tot / max(n, 1)
-
-
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ (float32 tensors, the ratio in float64)."""
     d = float(torch.linalg.vector_norm(out.float() - ref.float()))
@@ -913,7 +904,7 @@ def _sensitivity_sample(gm: torch.fx.GraphModule, col: Collector, inputs: tuple,
     col.mode = _Mode()
     with torch.no_grad():
         ref = gm(*inputs)
-        base = causal_lm_ce(ref, inputs[0]) if lm_loss else 0.0
+        base = next_token_ce(ref, inputs[0]) if lm_loss else 0.0
         tick()
         for i in range(len(col.sites)):
             col.mode = _Mode(policy={i: (bt, params, None)})
@@ -921,7 +912,7 @@ def _sensitivity_sample(gm: torch.fx.GraphModule, col: Collector, inputs: tuple,
             out = gm(*inputs)
             err = rel_l2(out, ref)
             col.acc[i].sens_l2.append(err)
-            col.acc[i].sens.append(causal_lm_ce(out, inputs[0]) - base if lm_loss else err)
+            col.acc[i].sens.append(next_token_ce(out, inputs[0]) - base if lm_loss else err)
             tick()
             del out
     col.produced = {}
@@ -1041,12 +1032,12 @@ def evaluate_policies(lm: LoadedModel, cap: Captured, policies: dict[str, Option
             inputs = data.row(s)
             col.mode = _Mode()
             ref = gm(*inputs)
-            base_ce.append(causal_lm_ce(ref, inputs[0]) if lm_loss else float("nan"))
+            base_ce.append(next_token_ce(ref, inputs[0]) if lm_loss else float("nan"))
             for k in policies:
                 col.mode = _Mode(policy=modes[k])
                 col.produced = {}
                 out = gm(*inputs)
-                res[k]["ce"].append(causal_lm_ce(out, inputs[0]) if lm_loss else float("nan"))
+                res[k]["ce"].append(next_token_ce(out, inputs[0]) if lm_loss else float("nan"))
                 res[k]["rel_l2"].append(rel_l2(out, ref))
             col.produced = {}
     dense_ce = float(np.mean(base_ce))
