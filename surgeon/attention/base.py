@@ -312,6 +312,12 @@ class Variant(abc.ABC):
         """Non-trivial parameters for tests at length ``n`` with ``hq`` heads."""
         return self.Params()
 
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens with ``hq`` (≥ 6) query heads: small blocks so
+        selections matter, edits large enough to move the output (the ONNX modulated × sparse
+        matrix reads them). Defaults to ``example_params(32, hq)``."""
+        return self.example_params(32, hq)
+
     def block_mask_shape(self, q, k, p: VariantParams) -> tuple:
         """Shape of the produced block mask (symbolic sizes allowed): [B, Hq, nqb, nkb]."""
         bs = getattr(p, "block_size")

@@ -174,3 +174,8 @@ class BlockTopK(Variant):
 
     def example_params(self, n: int, hq: int) -> BlockTopKParams:
         return BlockTopKParams(keep=0.3, block_size=16, sink_blocks=1, local_blocks=1)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"keep": 0.4, "block_size": 4, "sink_blocks": 1, "local_blocks": 1})

@@ -214,6 +214,12 @@ class Delta(Variant):
     def example_params(self, n: int, hq: int) -> DeltaParams:
         return DeltaParams(keep=0.3, page_size=8, q_block=16, sink_pages=1, recent_pages=2, score_queries=8)
 
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"keep": 0.4, "page_size": 4, "q_block": 8, "sink_pages": 1,
+                                 "recent_pages": 1, "score_queries": 4})
+
 
 class DeltaSparse(BlockMaskConsumer):
     name = "delta_sparse"
@@ -240,6 +246,11 @@ class DeltaSparse(BlockMaskConsumer):
 
     def example_params(self, n: int, hq: int) -> DeltaSparseParams:
         return DeltaSparseParams(page_size=8, q_block=16, sink_pages=1, recent_pages=2)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"page_size": 4, "q_block": 8, "sink_pages": 0, "recent_pages": 1})
 
     def make_block_mask(self, q, k, v, ctx: AttnContext, p: DeltaSparseParams) -> Optional[torch.Tensor]:
         """A stand-in Δ-layer selection (keep 0.25) on the same q/k."""

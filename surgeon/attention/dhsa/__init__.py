@@ -216,3 +216,8 @@ class DHSA(Variant):
 
     def example_params(self, n: int, hq: int) -> DHSAParams:
         return DHSAParams(chunk=16, budget=0.3, sink_chunks=1, local_chunks=1)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"chunk": 8, "budget": 0.3, "sink_chunks": 1, "local_chunks": 1})

@@ -184,3 +184,9 @@ class HeadBoost(ModulatedVariant):
     def example_params(self, n: int, hq: int) -> VariantParams:
         return HeadBoostParams(alpha=0.7, heads=(1, hq - 2), head_alpha=(0.7, 1.4),
                                spans=((4, 12), (20, 24)), span_scale=(1.0, 0.5))
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"alpha": 1.5, "heads": [1, 4], "spans": [[0, 3], [10, 16]],
+                                 "span_scale": [1.0, 0.5]})

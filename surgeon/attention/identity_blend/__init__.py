@@ -126,3 +126,8 @@ class IdentityBlend(ModulatedVariant):
 
     def example_params(self, n: int, hq: int) -> VariantParams:
         return IdentityBlendParams(u=0.3, heads=(0, hq // 2))
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"u": 0.4, "heads": [0, 5]})

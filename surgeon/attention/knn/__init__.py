@@ -289,3 +289,8 @@ class KNN(Variant):
 
     def example_params(self, n: int, hq: int) -> KNNParams:
         return KNNParams(top_k=0, frac=0.3, context_token=True)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"top_k": 0, "frac": 0.3, "context_token": True})

@@ -358,3 +358,9 @@ class Pyramid(Variant):
     def example_params(self, n: int, hq: int) -> PyramidParams:
         return PyramidParams(block_size=16, intervals=((1, 0.0, 0.15), (2, 0.15, 0.3), (4, 0.3, 0.45),
                                                        (8, 0.45, 0.6)))
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"block_size": 8,
+                                 "intervals": [[1, 0.0, 0.3], [2, 0.3, 0.5], [4, 0.5, 0.7], [8, 0.7, 0.9]]})

@@ -65,6 +65,11 @@ class Reuse(BlockMaskConsumer):
     def example_params(self, n: int, hq: int) -> ReuseParams:
         return ReuseParams(block_size=16, sink_blocks=1, local_blocks=1)
 
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"block_size": 4, "sink_blocks": 1, "local_blocks": 0})
+
     def make_block_mask(self, q, k, v, ctx: AttnContext, p: ReuseParams):
         """A stand-in anchor selection: block_topk with keep 0.3 on the same q/k."""
         frac = torch.full((q.shape[1],), _ANCHOR_KEEP, dtype=torch.float64, device=q.device)

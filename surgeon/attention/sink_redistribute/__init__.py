@@ -197,3 +197,9 @@ class SinkRedistribute(ModulatedVariant):
 
     def example_params(self, n: int, hq: int) -> VariantParams:
         return SinkRedistributeParams(p=0.6, rho=0.5, summ=0.2, sinks=(0, 12), target=(8, 40), heads=(0, 2, hq - 1))
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"p": 0.2, "rho": 0.9, "summ": 0.05, "sinks": [0, 3], "target": [2, 20],
+                                 "after_target_only": False})

@@ -110,3 +110,8 @@ class Temperature(ModulatedVariant):
 
     def example_params(self, n: int, hq: int) -> VariantParams:
         return TemperatureParams(sigma=0.05)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"sigma": 0.4})

@@ -230,3 +230,8 @@ class TokenTopK(Variant):
 
     def example_params(self, n: int, hq: int) -> TokenTopKParams:
         return TokenTopKParams(n_init=4, n_local=8, top_k=max(1, math.ceil(n / 8)), chunk=16)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"n_init": 2, "n_local": 4, "top_k": 4, "chunk": 8})
