@@ -22,7 +22,7 @@ from surgeon.passes.policy import load_recipe, policy_from_recipe
 from surgeon.profiles import tune as T
 from surgeon.profiles import tune_options as TO
 from surgeon.profiles import tune_probes as TP
-from surgeon.profiles.collect import evaluate_policies
+from surgeon.profiles.evidence import evaluate_policies
 from surgeon.profiles.data import load_calibration
 
 SEQ, ROWS = 128, 2

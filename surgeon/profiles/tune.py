@@ -123,7 +123,8 @@ class Evaluator:
 
     def __init__(self, lm: LoadedModel, cap: Captured, data: CalibrationData, objective: str,
                  progress: Optional[Callable[[], None]] = None) -> None:
-        from surgeon.profiles.collect import Collector, ProfileSettings, instrument
+        from surgeon.profiles.collector import Collector, instrument
+        from surgeon.profiles.profile_settings import ProfileSettings
         from surgeon.profiles.selectors import load_objective
 
         self.lm, self.cap, self.data, self.spec = lm, cap, data, objective
@@ -141,7 +142,7 @@ class Evaluator:
         return tuple(sorted((i, v.name, repr(p)) for i, (v, p, _) in modes.items()))
 
     def _forward(self, modes: dict, s: int) -> torch.Tensor:
-        from surgeon.profiles.collect import _Mode
+        from surgeon.profiles.collector import _Mode
 
         self.col.mode = _Mode(policy=modes)
         self.col.produced = {}
@@ -469,7 +470,7 @@ def tune(lm: LoadedModel, cap: Captured, options: TuneOptions, *, data: Optional
     ``data`` (None: the built-in corpus; ``samples`` rows of ``seq_len`` tokens, ``seed``) or the
     given ``calibration`` rows. ``progress(stage, done, total)`` is called as work proceeds."""
     from surgeon.passes.policy import policy_from_recipe
-    from surgeon.profiles.collect import policy_modes
+    from surgeon.profiles.evidence import policy_modes
 
     o = options
     emit = progress or (lambda stage, done, total: None)

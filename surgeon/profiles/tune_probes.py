@@ -64,7 +64,7 @@ class Probe:
              attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False,
              scale: Optional[float] = None, enable_gqa: bool = False, hidden: Optional[torch.Tensor] = None
              ) -> torch.Tensor:
-        from surgeon.profiles.collect import _StopForward
+        from surgeon.profiles.collector import _StopForward
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0,
                                              is_causal=bool(is_causal), scale=scale, enable_gqa=enable_gqa)
@@ -84,7 +84,7 @@ class Probe:
 def run_probe(cap: Captured, data: CalibrationData, probe: Probe, on_row: Optional[Callable[[int], None]] = None
               ) -> None:
     """One probe pass over every calibration row."""
-    from surgeon.profiles.collect import _run, instrument
+    from surgeon.profiles.collector import _run, instrument
 
     gm = instrument(cap, probe)  # type: ignore[arg-type]  # duck-typed: instrument only calls .call
     with torch.no_grad():
