@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from surgeon.kernels.blocksparse_cpu import block_mask_density, block_pair_counts, block_sparse_attention  # noqa: E402
+from surgeon.kernels.dispatch import block_sparse_attention  # noqa: E402
+from surgeon.kernels.geometry import block_mask_density, block_pair_counts  # noqa: E402
 from surgeon.attention.base import AttnContext  # noqa: E402
 from surgeon.attention.block_topk import BlockTopK, BlockTopKParams  # noqa: E402
 from surgeon.attention.delta import Delta, DeltaParams, DeltaSparse, DeltaSparseParams  # noqa: E402

@@ -47,7 +47,8 @@ def run_once(model: str, samples: int, seq_len: int, block_size: int, evidence: 
 
     from surgeon.capture import capture
     from surgeon.models import load
-    from surgeon.profiles.collect import compare_head_budgets, compare_layer_policies, profile
+    from surgeon.profiles.collect import profile
+    from surgeon.profiles.evidence import compare_head_budgets, compare_layer_policies
     from surgeon.profiles.plan import plan_details
     from surgeon.profiles.report import render_report
 

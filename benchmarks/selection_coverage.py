@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "selection_coverage_cpu.json"))
     a = ap.parse_args(argv)
     from surgeon.capture import _sdpa_args, capture, sdpa_nodes
-    from surgeon.kernels.blocksparse_cpu import pooled_keys, pooled_queries
+    from surgeon.kernels.geometry import pooled_keys, pooled_queries
     from surgeon.models import load
     from surgeon.profiles.data import load_calibration
 

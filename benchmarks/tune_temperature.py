@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from surgeon.capture import capture
     from surgeon.models import load
     from surgeon.passes.policy import policy_from_recipe
-    from surgeon.profiles.collect import evaluate_policies
+    from surgeon.profiles.evidence import evaluate_policies
     from surgeon.profiles.data import load_calibration
     from surgeon.profiles.tune import check_options, tune
 

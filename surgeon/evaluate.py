@@ -39,15 +39,44 @@ class EvalResult:
         return d
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, chunk: Optional[int] = 512,
+                   mask: Optional[torch.Tensor] = None) -> tuple[float, int]:
+    """Summed next-token cross-entropy (nats) and token count of logits [B, N, V] on ids [B, N]:
+    position t predicts token t + 1. Rows go ``chunk`` positions at a time (None: a whole row in
+    one call), each chunk's sum taken in float32 and accumulated as a Python float. The one
+    next-token cross-entropy of the project (evaluation, calibration sensitivity, tuning
+    objectives). ``mask`` [B, N]: targets where it is 0 (right padding) are not scored."""
+    b, n = ids.shape
+    step = max(n - 1, 1) if chunk is None else chunk
+    total, count = 0.0, 0
+    for i in range(b):
+        for a in range(0, n - 1, step):
+            e = min(n - 1, a + step)
+            if mask is None:
+                total += float(F.cross_entropy(logits[i, a:e].float(), ids[i, a + 1:e + 1], reduction="sum"))
+                count += e - a
+            else:
+                tgt = ids[i, a + 1:e + 1].masked_fill(mask[i, a + 1:e + 1] == 0, -100)
+                total += float(F.cross_entropy(logits[i, a:e].float(), tgt, reduction="sum", ignore_index=-100))
+                count += int((tgt != -100).sum())
+    return total, count
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, chunk: Optional[int] = 512) -> float:
+    """Mean next-token cross-entropy (nats) of logits [B, N, V] on ids [B, N] (:func:`next_token_nll`)."""
+    total, count = next_token_nll(logits, ids, chunk)
+    return total / max(count, 1)
+
+
 def lm_nll(module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and token count; ids/mask [R, N], one row at a time."""
     total, count = 0.0, 0
     with torch.no_grad():
         for r in range(ids.shape[0]):
-            logits = module(ids[r:r + 1], mask[r:r + 1])[0, :-1].float()
-            tgt = ids[r, 1:].masked_fill(mask[r, 1:] == 0, -100)  # right padding is not scored
-            total += float(F.cross_entropy(logits, tgt, reduction="sum", ignore_index=-100))
-            count += int((tgt != -100).sum())
+            t, c = next_token_nll(module(ids[r:r + 1], mask[r:r + 1]), ids[r:r + 1], chunk=None,
+                                  mask=None if bool(mask[r].all()) else mask[r:r + 1])
+            total += t
+            count += c
     return total, count
 
 

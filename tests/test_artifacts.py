@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from surgeon.errors import ArtifactMismatch, BadInput
 from surgeon.passes.policy import Policy, SiteChoice, identity_policy, policy_from_recipe
@@ -60,5 +61,17 @@ def test_recipe_globs_and_errors():
 
 
 def test_model_fingerprint_is_content_hash(minilm):
+    import copy
+    import dataclasses
+
     fp = minilm.fingerprint()
     assert len(fp) == 32 and fp == minilm.fingerprint()
+    # the same weights in a fresh copy hash alike; one changed weight changes the hash
+    twin = dataclasses.replace(minilm, module=copy.deepcopy(minilm.module), _fingerprint=None)
+    assert twin.fingerprint() == fp
+    changed = dataclasses.replace(minilm, module=copy.deepcopy(minilm.module), _fingerprint=None)
+    name, w = next((n, t) for n, t in changed.module.state_dict().items() if t.is_floating_point())
+    with torch.no_grad():
+        w.view(-1)[0] += 1.0
+    assert changed.fingerprint() != fp, name
+    assert minilm.fingerprint() == fp  # the session model is untouched

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import surgeon.kernels.blocksparse_cpu as bsk
+import surgeon.kernels.geometry as geo
+from surgeon.kernels.dispatch import block_sparse_attention
 from surgeon.errors import BadInput
 from surgeon.attention import AttnContext, recording, use_impl
 from surgeon.attention.base import Variant, attention_from_keep, encode_config
@@ -181,9 +183,9 @@ def test_gather_kernel_equals_masked_attention(dtype, causal, nq, nk, qb, kb):
     ctx = AttnContext(causal=causal, scale=0.4, kv_heads=2, key_padding=pad)
     nqb, nkb = math.ceil(nq / qb), math.ceil(nk / kb)
     bm = _random_mask(2, 6, nqb, nkb, 0.35, seed=nq)  # includes empty rows and non-causal blocks
-    want = attention_from_keep(q, k, v, ctx, bsk.upsample_block_mask(bm, nq, nk, qb, kb))
-    got = bsk.block_sparse_attention(q, k, v, bm, q_block=qb, k_block=kb, causal=causal, scale=0.4,
-                                     key_padding=pad)
+    want = attention_from_keep(q, k, v, ctx, geo.upsample_block_mask(bm, nq, nk, qb, kb))
+    got = block_sparse_attention(q, k, v, bm, q_block=qb, k_block=kb, causal=causal, scale=0.4,
+                                 key_padding=pad)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     ok = _valid_rows(got, ctx, nq, nk)
     torch.testing.assert_close(got[ok], want[ok], rtol=tol, atol=tol)
@@ -196,11 +198,11 @@ def test_gather_kernel_grouped_heads_and_small_chunks(monkeypatch):
     grp = _random_mask(2, 2, 12, 12, 0.4, seed=2).repeat_interleave(3, dim=1)
     per_head = _random_mask(2, 6, 12, 12, 0.4, seed=3)
     for bm in [grp, per_head]:
-        want = attention_from_keep(q, k, v, ctx, bsk.upsample_block_mask(bm, 96, 96, 8, 8))
+        want = attention_from_keep(q, k, v, ctx, geo.upsample_block_mask(bm, 96, 96, 8, 8))
         for elems, blocks in [(1 << 22, 4), (600, 3), (1, 1)]:
             monkeypatch.setattr(bsk, "_CHUNK_SCORE_ELEMS", elems)
             monkeypatch.setattr(bsk, "_MAX_CHUNK_QBLOCKS", blocks)
-            got = bsk.block_sparse_attention(q, k, v, bm, q_block=8, k_block=8, causal=True, scale=0.4)
+            got = block_sparse_attention(q, k, v, bm, q_block=8, k_block=8, causal=True, scale=0.4)
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -218,14 +220,14 @@ def test_fp32_fast_path_tracks_fp64_reference():
 def test_block_pair_counts_and_density_match_token_count():
     for causal, nq, nk, qb, kb in [(True, 50, 50, 16, 8), (True, 20, 45, 8, 16), (False, 33, 33, 8, 8)]:
         pad = _pad(2, nk, (0, 5))
-        counts = bsk.block_pair_counts(nq, nk, qb, kb, causal, pad, torch.device("cpu"))
+        counts = geo.block_pair_counts(nq, nk, qb, kb, causal, pad, torch.device("cpu"))
         ctx = AttnContext(causal=causal, scale=1.0, kv_heads=1, key_padding=pad)
         from surgeon.attention.base import allowed_mask
         allow = allowed_mask(ctx, 2, nq, nk, torch.device("cpu"))[:, 0].double()
         nqb, nkb = math.ceil(nq / qb), math.ceil(nk / kb)
         bm = _random_mask(2, 3, nqb, nkb, 0.5, seed=nq)
-        tok = bsk.upsample_block_mask(bm, nq, nk, qb, kb).double() * allow[:, None]
-        assert bsk.block_mask_density(bm, counts) == pytest.approx(float(tok.sum() / (3 * allow.sum())))
+        tok = geo.upsample_block_mask(bm, nq, nk, qb, kb).double() * allow[:, None]
+        assert geo.block_mask_density(bm, counts) == pytest.approx(float(tok.sum() / (3 * allow.sum())))
 
 
 # --------------------------------------------------------------------------- block-mask edge
@@ -407,15 +409,15 @@ def test_fast_paths_accept_transposed_inputs(var, p):
 def test_pooling_means_over_real_tokens():
     q, k, _ = _qkv(b=2, hq=3, hkv=3, nq=45, seed=18)
     pad = _pad(2, 45, (0, 20))
-    qb = bsk.pooled_queries(q, 16, causal=True, q_valid=pad)
+    qb = geo.pooled_queries(q, 16, causal=True, q_valid=pad)
     # causal window of block 1: rows 1..16; in batch 1 only rows 20.. are real → rows none → zeros
     torch.testing.assert_close(qb[0, :, 1], q[0, :, 1:17].mean(dim=1))
     assert torch.equal(qb[1, :, 1], torch.zeros_like(qb[1, :, 1]))
     torch.testing.assert_close(qb[1, :, 2], q[1, :, 20:33].mean(dim=1))
     torch.testing.assert_close(qb[0, :, 0], q[0, :, 0])
-    nc = bsk.pooled_queries(q, 16, causal=False, q_valid=None)
+    nc = geo.pooled_queries(q, 16, causal=False, q_valid=None)
     torch.testing.assert_close(nc[0, :, 2], q[0, :, 32:45].mean(dim=1))  # ragged last block
-    kb, real = bsk.pooled_keys(k, 16, pad)
+    kb, real = geo.pooled_keys(k, 16, pad)
     torch.testing.assert_close(kb[1, :, 1], k[1, :, 20:32].mean(dim=1))
     assert real.tolist() == [[True, True, True], [False, True, True]]
 

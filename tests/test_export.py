@@ -23,7 +23,6 @@ import torch
 
 from surgeon.artifacts import file_sha256
 from surgeon.errors import BadInput, CheckFailed
-from surgeon.exporters import blocksparse_lowering as BL
 from surgeon.exporters import onnx_lowering as L
 from surgeon.exporters import tensorrt as T
 from surgeon.exporters.pipeline import SUPPORTED_OPSETS, ExportManifest, VerificationFailed, export_rewritten
@@ -260,7 +259,7 @@ def test_variant_without_lowering_is_bad_input_before_export(tiny_sparse, tmp_pa
     must be refused before any export work: simulated by unregistering window_sink's lowering."""
     lm, cap, _ = tiny_sparse
     name = "window_sink"
-    monkeypatch.delitem(L._LOWERINGS, name)
+    monkeypatch.setattr(get_variant(name), "lowerings", lambda: {})
     assert name not in L.lowered_variants()
     site = cap.sites[0]
     params = get_variant(name).example_params(64, site.heads).to_dict()
@@ -295,7 +294,7 @@ def test_failed_comparison_is_check_failed_with_table_and_writes_nothing(tiny_de
 # --------------------------------------------------------------------------- lowerings and plugin runtime
 
 
-@pytest.mark.parametrize("name", [n for n in BL.FAST_VARIANTS if n in VARIANTS])
+@pytest.mark.parametrize("name", [n for n in L.gathered_variants() if n in VARIANTS])
 def test_gathered_lowering_equals_token_mask_lowering_and_op(name):
     """The gathered bodies give the op's outputs (block masks bit-equal) for causal and
     bidirectional sites, GQA, left padding, ragged blocks and Nq < Nk."""
@@ -318,10 +317,9 @@ def test_gathered_lowering_equals_token_mask_lowering_and_op(name):
             with use_impl("reference"):
                 want = op_for(name)(q, k, v, kp, None, causal, 0.3, cfg, feeds.get("block_mask"))
             want = list(want) if isinstance(want, (tuple, list)) else [want]
-            for mode in BL.LOWERING_MODES:
+            for mode in L.LOWERING_MODES:
                 if (mode, nq == nk) not in protos:
-                    with BL.use_lowerings(mode):
-                        protos[(mode, nq == nk)] = L.single_op_model(name, cfg, causal, 0.3, feeds)
+                    protos[(mode, nq == nk)] = L.single_op_model(name, cfg, causal, 0.3, feeds, lowering=mode)
                 sess = ort.InferenceSession(protos[(mode, nq == nk)].SerializeToString(),
                                             providers=["CPUExecutionProvider"])
                 got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})
@@ -329,7 +327,11 @@ def test_gathered_lowering_equals_token_mask_lowering_and_op(name):
                                            err_msg=f"{name} {mode} causal={causal} nq={nq} nk={nk}")
                 for gm, wm in zip(got[1:], want[1:]):
                     np.testing.assert_array_equal(gm.reshape(wm.shape), wm.numpy())
-    assert BL.current_mode() in BL.LOWERING_MODES
+    # the modes really are two bodies, and the default one is the token-mask body
+    bodies = {m: [[n.op_type for n in f.node] for f in protos[(m, True)].functions] for m in L.LOWERING_MODES}
+    assert bodies["gather"] != bodies["mask"]
+    assert L.get_lowering(name) is var.lowerings()["mask"]
+    assert L.get_lowering(name, "gather") is var.lowerings()["gather"]
 
 
 def test_plugin_runtime_computes_the_op_from_int32_masks():
@@ -358,32 +360,47 @@ def test_plugin_runtime_computes_the_op_from_int32_masks():
 _TRITON_SCRIPT = r"""
 import json, torch
 from surgeon.exporters.trt_plugins import surgeon_runtime as R
-from surgeon.kernels.triton_common import interpreter_active
+import surgeon.kernels.dispatch as dispatch
+import surgeon.kernels.triton_blocksparse as tbs
+from surgeon.kernels.triton_common import interpreter_active, kernel_supports
 from surgeon.attention import get_variant, use_impl
 from surgeon.attention.base import encode_config
 from surgeon.attention.ops import op_for
+calls = []
+real = tbs.blocksparse_attention
+def spy(*a, **kw):
+    calls.append(1)
+    return real(*a, **kw)
+tbs.blocksparse_attention = spy
+# stand in for a CUDA device: the interpreter runs the kernel on CPU tensors
+dispatch.triton_eligible = lambda q, k, v, qb, kb: qb == kb and kernel_supports(q, k, v, qb)
 hq, hkv, d, n = 4, 2, 16, 40
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(2, h, n, d, generator=g) for h in (hq, hkv, hkv))
 kp = torch.ones(2, n, dtype=torch.bool); kp[1, :6] = False
 cfg = encode_config("block_topk", get_variant("block_topk").example_params(n, hq), {"kv_heads": hkv})
 rcfg = encode_config("reuse", get_variant("reuse").params_from({"block_size": 16}), {"kv_heads": hkv})
-tri = R._triton_blocksparse("block_topk", q, k, v, kp, None, True, 0.25, cfg, None)
+tri = R.compute("block_topk", {"q": q, "k": k, "v": v, "key_padding": kp.to(torch.int32)}, cfg, True, 0.25)
+n_topk = len(calls)
 with use_impl("reference"):
     w_out, w_mask = op_for("block_topk")(q, k, v, kp, None, True, 0.25, cfg)
     w_r = op_for("reuse")(q, k, v, kp, None, True, 0.25, rcfg, w_mask)
-tri_r = R._triton_blocksparse("reuse", q, k, v, kp, None, True, 0.25, rcfg, w_mask)
-print(json.dumps({"interpreter": interpreter_active(), "ran": tri is not None and tri_r is not None,
+n0 = len(calls)
+tri_r = R.compute("reuse", {"q": q, "k": k, "v": v, "key_padding": kp.to(torch.int32),
+                            "block_mask": w_mask.to(torch.int32)}, rcfg, True, 0.25)
+n_reuse = len(calls) - n0
+print(json.dumps({"interpreter": interpreter_active(), "ran": n_topk >= 1 and n_reuse >= 1,
                   "out": float((tri[0] - w_out).abs().max()),
-                  "mask": bool(torch.equal(tri[1].reshape(w_mask.shape), w_mask)),
+                  "mask": bool(torch.equal(tri[1].bool().reshape(w_mask.shape), w_mask)),
                   "reuse": float((tri_r[0] - w_r).abs().max())}))
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_plugin_runtime_triton_path_under_interpreter():
-    """block_topk/reuse plugins run the Triton block-sparse kernel; on the CPU it runs under
-    TRITON_INTERPRET=1 (set before triton is imported, hence a subprocess)."""
+    """block_topk/reuse plugins run the op, whose dispatch reaches the Triton block-sparse kernel;
+    on the CPU it runs under TRITON_INTERPRET=1 (set before triton is imported, hence a
+    subprocess) with the dispatcher's CUDA check standing in for a GPU."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=300)

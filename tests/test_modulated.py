@@ -15,7 +15,7 @@ import torch
 
 import surgeon.attention.modulation as modulation
 from surgeon.errors import BadInput
-from surgeon.profiles.modulation import (
+from surgeon.profiles.selectors import (
     find_sink_dims,
     find_sink_tokens,
     headhunter_greedy,

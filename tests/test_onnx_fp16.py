@@ -16,7 +16,7 @@ import torch
 from surgeon.attention import get_variant
 from surgeon.attention.base import encode_config
 from surgeon.attention.ops import op_for
-from surgeon.exporters import blocksparse_lowering as BL
+from surgeon.exporters import onnx_kit as K
 from surgeon.exporters import onnx_lowering as L
 from test_onnx_lowering import D, HKV, HQ
 
@@ -56,7 +56,7 @@ def _op32(name: str, cfg: str, q, k, v, kp, causal: bool):
 
 
 # (variant, block-sparse lowering mode): block_topk through both of its bodies
-CASES = [("dense", "mask")] + [("block_topk", m) for m in BL.LOWERING_MODES]
+CASES = [("dense", "mask")] + [("block_topk", m) for m in L.LOWERING_MODES]
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
@@ -68,8 +68,7 @@ def test_fp16_single_op_opset18_matches_fp32_torch(name, mode, causal):
         q, k, v, kp = _inputs(b, nq, nk, seed)
         feeds = {"q": q, "k": k, "v": v, "key_padding": kp}
         if sess is None:
-            with BL.use_lowerings(mode):
-                proto = L.single_op_model(name, cfg, causal, SCALE, feeds, opset=OPSET)
+            proto = L.single_op_model(name, cfg, causal, SCALE, feeds, opset=OPSET, lowering=mode)
             assert {o.domain: o.version for o in proto.opset_import}[""] == OPSET
             assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
             sess = _session(proto)
@@ -96,11 +95,11 @@ def test_is_finite_at_opset18(dtype):
     fin = np.finfo(np_dtype)
     x = np.array([0.0, -0.0, 1.5, -2.0, np.inf, -np.inf, np.nan, fin.max, -fin.max, fin.tiny, fin.smallest_subnormal],
                  dtype=np_dtype)
-    facts = L.LoweringFacts(variant="dense", q_heads=1, k_heads=1, kv_heads=1, inputs=("q", "k", "v"),
+    facts = K.LoweringFacts(variant="dense", q_heads=1, k_heads=1, kv_heads=1, inputs=("q", "k", "v"),
                             attn_mask_bool=None, self_attention=True, num_outputs=1, opset=OPSET)
-    op = L.LoweringBuilder(facts)
+    op = K.LoweringBuilder(facts)
     xin = ir.Value(name="x", type=ir.TensorType(dtype), shape=ir.Shape(["N"]))
-    y = L.is_finite(op, xin)
+    y = K.is_finite(op, xin)
     y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.BOOL), ir.Shape(["N"])
     graph = ir.Graph([xin], [y], nodes=op.nodes, opset_imports={"": OPSET}, name="is_finite")
     proto = ir.serde.serialize_model(ir.Model(graph, ir_version=10))

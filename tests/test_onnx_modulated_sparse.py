@@ -18,44 +18,27 @@ from surgeon.attention import AttnContext, get_variant
 from surgeon.attention.base import encode_config
 from surgeon.attention.ops import op_for
 from surgeon.errors import BadInput
-from surgeon.exporters import blocksparse_lowering as BL
+from surgeon.attention.window_sink.lowering import window_keep
+from surgeon.exporters import onnx_kit as K
 from surgeon.exporters import onnx_lowering as L
 from test_onnx_lowering import D, HKV, HQ, _rand  # shared sizes and seeded inputs
 
 SCALE = D ** -0.5
 
-# Modulator parameters that visibly change attention at 24–32 tokens (checked per case below).
-MODULATORS = {
-    "temperature": {"sigma": 0.4},
-    "head_boost": {"alpha": 1.5, "heads": [1, 4], "spans": [[0, 3], [10, 16]], "span_scale": [1.0, 0.5]},
-    "sink_redistribute": {"p": 0.2, "rho": 0.9, "summ": 0.05, "sinks": [0, 3], "target": [2, 20],
-                          "after_target_only": False},
-    "identity_blend": {"u": 0.4, "heads": [0, 5]},
-    "local_boost": {"gamma": 3.0, "window": 3, "decay": 0.5, "heads": [1, 2, 5], "first_key": 2},
-}
+# Modulator parameters that visibly change attention at 24–32 tokens (checked per case below),
+# declared beside each variant (Variant.small_example_params).
+MODULATORS = {n: get_variant(n).small_example_params(HQ).to_dict()
+              for n in L.lowered_variants() if get_variant(n).family == "modulated"}
 # A chain of every kind of edit (logit, prob, out, and the order between same-kind edits).
 CHAIN = ["local_boost", "temperature", "sink_redistribute", "head_boost", "identity_blend"]
 MOD_SETS = {name: [name] for name in MODULATORS} | {"chain": CHAIN}
 
-# Sparse site variants (small blocks so selections matter); consumers name their producer.
-SPARSE = {
-    "block_topk": {"keep": 0.4, "block_size": 4, "sink_blocks": 1, "local_blocks": 1},
-    "reuse": {"block_size": 4, "sink_blocks": 1, "local_blocks": 0},
-    "window_sink": {"sink_tokens": 2, "window": 6},
-    "delta": {"keep": 0.4, "page_size": 4, "q_block": 8, "sink_pages": 1, "recent_pages": 1, "score_queries": 4},
-    "delta_sparse": {"page_size": 4, "q_block": 8, "sink_pages": 0, "recent_pages": 1},
-    "token_topk": {"n_init": 2, "n_local": 4, "top_k": 4, "chunk": 8},
-    "knn": {"top_k": 0, "frac": 0.3, "context_token": True},
-    "dhsa": {"chunk": 8, "budget": 0.3, "sink_chunks": 1, "local_chunks": 1},
-    # 4 extra tokens + a 4-row grid (4x7 at 32 keys, 4x5 at 24), 16 regions, 4 kept
-    "routing": {"grid_h": 4, "n_extra": 4, "n_win": 4, "topk": 4},
-    "pyramid": {"block_size": 8, "intervals": [[1, 0.0, 0.3], [2, 0.3, 0.5], [4, 0.5, 0.7], [8, 0.7, 0.9]]},
-    "block_topp": {"p": 0.6, "block_size": 4, "stride": 2, "sink_blocks": 1, "local_blocks": 1},
-    "head_hybrid": {"kinds": ["streaming", "sparse"], "sink_tokens": 2, "window": 6, "p": 0.6, "block_size": 4,
-                    "stride": 2},
-    "token_topp": {"n_init": 2, "n_local": 4, "p": 0.6, "chunk": 8},
-    "vertical_slash": {"n_vertical": 3, "n_slash": 3, "last_q": 4, "block_size": 8, "sink_tokens": 1, "local": 2},
-}
+# Sparse site variants (small blocks so selections matter), from each variant's
+# small_example_params; consumers name their producer.
+# Every lowered site variant but dense and the modulated ones (delta, a Δ-layer, is family
+# "dense" but selects pages).
+SPARSE = {n: get_variant(n).small_example_params(HQ).to_dict()
+          for n in L.lowered_variants() if n != "dense" and get_variant(n).family != "modulated"}
 PRODUCER = {"reuse": "block_topk", "delta_sparse": "delta"}
 # Variants whose torch op refuses a modulated site (BadInput): the export must refuse it as well.
 TORCH_REFUSES = {"pyramid"}
@@ -170,13 +153,18 @@ def test_sparse_with_modulators_suffix_queries(name):
     _check(name, CHAIN, True, SHAPES_SUFFIX_OF.get(name, SHAPES_SUFFIX))
 
 
-def test_matrix_covers_every_lowered_sparse_variant():
-    """Every lowered variant of the sparse family is in the modulator matrix above."""
-    sparse = {n for n in L.lowered_variants() if get_variant(n).family == "sparse"}
-    assert sparse <= set(SPARSE), sorted(sparse - set(SPARSE))
+def test_matrix_params_are_not_degenerate():
+    """Every lowered variant but dense is in the matrix above (every sparse one among the site
+    variants) with parameters that are not its degenerate (dense-equal) ones, so the matrix
+    exercises selections and edits."""
+    assert set(L.lowered_variants()) - {"dense"} == set(SPARSE) | set(MODULATORS)
+    assert {n for n in L.lowered_variants() if get_variant(n).family == "sparse"} <= set(SPARSE)
+    for name, params in {**SPARSE, **MODULATORS}.items():
+        var = get_variant(name)
+        assert var.params_from(params) != var.degenerate_params(32), name
 
 
-@pytest.mark.parametrize("name", [n for n in BL.FAST_VARIANTS if n in SPARSE])
+@pytest.mark.parametrize("name", [n for n in L.gathered_variants() if n in SPARSE])
 def test_gather_lowering_falls_back_to_mask_with_modulators(name):
     """The gathered block-sparse bodies cannot apply edits; with modulators they use the token-mask
     body (same function as the "mask" mode) and still equal the op."""
@@ -188,9 +176,8 @@ def test_gather_lowering_falls_back_to_mask_with_modulators(name):
         feeds["block_mask"] = torch.from_numpy(_torch_op(prod, _config(prod, SPARSE[prod], None), q, k, v, kp,
                                                          True)[1])
     bodies = {}
-    for mode in BL.LOWERING_MODES:
-        with BL.use_lowerings(mode):
-            proto = L.single_op_model(name, cfg, True, SCALE, feeds)
+    for mode in L.LOWERING_MODES:
+        proto = L.single_op_model(name, cfg, True, SCALE, feeds, lowering=mode)
         bodies[mode] = [n.op_type for f in proto.functions for n in f.node]
         sess = _session(proto)
         got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})
@@ -231,11 +218,11 @@ def test_lowering_that_ignores_modulators_is_refused(monkeypatch):
     """A lowering that never calls modulator_edits cannot export a modulated site."""
 
     def ignores(op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask):
-        p = L._params(config)
-        keep = L.window_keep(op, q, k, causal, int(p.sink_tokens), int(p.window))
-        return L.attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep)
+        p = K.params_of(config)
+        keep = window_keep(op, q, k, causal, int(p.sink_tokens), int(p.window))
+        return K.attention(op, q, k, v, key_padding, attn_mask, causal, scale, keep)
 
-    monkeypatch.setitem(L._LOWERINGS, "window_sink", ignores)
+    monkeypatch.setattr(get_variant("window_sink"), "lowerings", lambda: {"mask": ignores})
     q, k, v, kp = _inputs(*SHAPES[0])
     feeds = {"q": q, "k": k, "v": v, "key_padding": kp}
     with pytest.raises(BadInput) as e:

@@ -13,14 +13,10 @@ import torch.nn.functional as F
 from surgeon.capture import Site
 from surgeon.errors import ArtifactMismatch, BadInput
 from surgeon.passes.rewrite import rewrite, validate_policy
-from surgeon.profiles.collect import (
-    Collector,
-    ProfileSettings,
-    _Mode,
-    compare_head_budgets,
-    compare_layer_policies,
-    profile,
-)
+from surgeon.profiles.collect import profile
+from surgeon.profiles.collector import Collector, _Mode
+from surgeon.profiles.evidence import compare_head_budgets, compare_layer_policies
+from surgeon.profiles.profile_settings import ProfileSettings
 from surgeon.profiles.data import load_calibration, split_documents
 from surgeon.profiles.plan import PlanOptions, block_topk_density, keep_for_density, plan, plan_details
 from surgeon.profiles.profile_doc import Profile

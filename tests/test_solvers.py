@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from surgeon.errors import BadInput
+from surgeon.profiles.delta_layers import choose_delta_layers, delta_coverage, delta_groups
+from surgeon.profiles.hess import water_fill
 from surgeon.profiles.solvers import (
-    choose_delta_layers,
-    delta_coverage,
-    delta_groups,
     directed_overlap,
     evaluate_cfg,
     hylra_c_max,
@@ -26,7 +25,6 @@ from surgeon.profiles.solvers import (
     rollback_count,
     rollback_layers,
     select_overhead,
-    water_fill,
 )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from surgeon.errors import BadInput
 from surgeon.kernels import gather_cpu
-from surgeon.kernels.blocksparse_cpu import (
+from surgeon.kernels.geometry import (
     block_geometry,
     pooled_keys,
     pooled_queries,

@@ -264,7 +264,7 @@ def test_wrappers_reject_bad_input():
 
 _DISPATCH_SCRIPT = r"""
 import json, torch
-import surgeon.kernels.blocksparse_cpu as bsk
+import surgeon.kernels.dispatch as dispatch
 import surgeon.kernels.triton_blocksparse as tbs
 from surgeon.attention.base import AttnContext, use_impl
 from surgeon.attention.registry import get_variant
@@ -277,7 +277,7 @@ def spy(*a, **kw):
     return real(*a, **kw)
 tbs.blocksparse_attention = spy
 # stand in for a CUDA device: the interpreter runs the kernel on CPU tensors
-bsk.triton_eligible = lambda q, k, v, qb, kb: qb == kb and kernel_supports(q, k, v, qb)
+dispatch.triton_eligible = lambda q, k, v, qb, kb: qb == kb and kernel_supports(q, k, v, qb)
 g = torch.Generator().manual_seed(0)
 res = {}
 for name in ("block_topk", "dhsa"):
@@ -316,7 +316,7 @@ def test_block_sparse_variants_dispatch_to_the_triton_kernel():
 
 
 def test_cpu_tensors_never_take_the_triton_path():
-    import surgeon.kernels.blocksparse_cpu as bsk
+    import surgeon.kernels.dispatch as dispatch
 
     q = torch.randn(1, 2, 64, 32)
-    assert not bsk.triton_eligible(q, q, q, 16, 16)
+    assert not dispatch.triton_eligible(q, q, q, 16, 16)

@@ -20,7 +20,9 @@ from surgeon.cli import app
 from surgeon.errors import BadInput
 from surgeon.passes.policy import load_recipe, policy_from_recipe
 from surgeon.profiles import tune as T
-from surgeon.profiles.collect import evaluate_policies
+from surgeon.profiles import tune_options as TO
+from surgeon.profiles import tune_probes as TP
+from surgeon.profiles.evidence import evaluate_policies
 from surgeon.profiles.data import load_calibration
 
 SEQ, ROWS = 128, 2
@@ -83,9 +85,9 @@ def test_search_1d_finds_interior_minimum_and_never_loses_to_the_grid():
 
 
 def test_option_parsing_and_checks():
-    assert T.parse_spans("16:20,0:8") == ((0, 8), (16, 20))
-    assert T.parse_index_list("0-2,5", "--layers") == (0, 1, 2, 5)
-    assert T.parse_grid("0.05,0,0.05") == (0.0, 0.05)
+    assert TO.parse_spans("16:20,0:8") == ((0, 8), (16, 20))
+    assert TO.parse_index_list("0-2,5", "--layers") == (0, 1, 2, 5)
+    assert TO.parse_grid("0.05,0,0.05") == (0.0, 0.05)
     bad = [dict(variant="bogus"),
            dict(variant="identity_blend", strength=1.5),
            dict(variant="identity_blend", strength=0.0),
@@ -109,8 +111,8 @@ def test_option_parsing_and_checks():
            dict(variant="temperature", objective="not-a-spec")]
     for kw in bad:
         with pytest.raises(BadInput):
-            T.check_options(**kw)
-    o = T.check_options("local_boost", grid="0,0.5", windows="2,5", seq_len=128)
+            TO.check_options(**kw)
+    o = TO.check_options("local_boost", grid="0,0.5", windows="2,5", seq_len=128)
     assert o.grid == (0.0, 0.5) and o.windows == (2, 5)
 
 
@@ -163,7 +165,7 @@ def test_temperature_layer_scope_improves_on_global(smollm2, smollm2_cap):
 # --------------------------------------------------------------------------- head_boost
 
 def test_probe_span_mass_of_all_keys_is_one(smollm2, smollm2_cap):
-    m = T.measure_span_mass(smollm2_cap, _calib(smollm2), [0, 7], [(0, SEQ)])
+    m = TP.measure_span_mass(smollm2_cap, _calib(smollm2), [0, 7], [(0, SEQ)])
     for v in m.values():
         assert torch.allclose(v, torch.ones_like(v), atol=1e-5)
 

@@ -77,9 +77,25 @@ def test_causality(var):
         torch.testing.assert_close(out[:, :, :t], base[:, :, :t], rtol=1e-6, atol=1e-6, msg=f"{var.name} {mode}")
 
 
+def _spy_fast_paths(var, monkeypatch) -> list[str]:
+    """Make ``var.fast_paths()`` return counting wrappers; the returned list names each fast
+    path as it runs."""
+    ran: list[str] = []
+    real = var.fast_paths
+
+    def wrap(name, fn):
+        def spy(*a, **kw):
+            ran.append(name)
+            return fn(*a, **kw)
+        return spy
+
+    monkeypatch.setattr(var, "fast_paths", lambda: {n: wrap(n, f) for n, f in real().items()})
+    return ran
+
+
 @pytest.mark.parametrize("var", VARIANTS, ids=IDS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_fast_paths_equal_reference(var, causal):
+def test_fast_paths_equal_reference(var, causal, monkeypatch):
     if var.causal_only and not causal:
         pytest.skip("causal-only variant")
     q, k, v = _inputs(b=2, n=128, dtype=torch.float32)
@@ -92,15 +108,39 @@ def test_fast_paths_equal_reference(var, causal):
         ref = var.run(q, k, v, ctx, p, bm)
     ref_o = ref[0] if var.produces_block_mask else ref
     valid = pad[:, None, :, None].expand_as(ref_o) if causal else torch.ones_like(ref_o, dtype=torch.bool)
+    ran = _spy_fast_paths(var, monkeypatch)
     for name in var.fast_paths():
         if not var.fast_available(name, q, ctx, p):
             continue
+        n0 = len(ran)
         with use_impl(name):
             out = var.run(q, k, v, ctx, p, bm)
+        assert ran[n0:] == [name], f"{var.name}/{name}: the fast path did not run"
         if var.produces_block_mask:
             assert torch.equal(out[1], ref[1]), f"{var.name}/{name}: block masks differ"
             out = out[0]
         torch.testing.assert_close(out[valid], ref_o[valid], rtol=2e-4, atol=2e-4, msg=f"{var.name}/{name}")
+
+
+@pytest.mark.parametrize("var", [v for v in VARIANTS if v.fast_paths()], ids=[v.name for v in VARIANTS if v.fast_paths()])
+def test_a_declared_fast_path_runs(var, monkeypatch):
+    """A variant that declares fast paths runs one under ``auto`` at the matrix's shape (causal
+    or not, whichever its paths support): the fast-path comparisons above cannot pass by every
+    path declining."""
+    q, k, v = _inputs(b=2, n=128, dtype=torch.float32)
+    pad = torch.ones(2, 128, dtype=torch.bool)
+    pad[1, :7] = False
+    p = var.example_params(128, 6)
+    ran = _spy_fast_paths(var, monkeypatch)
+    for causal in ([True] if var.causal_only else [True, False]):
+        ctx = _ctx(causal, 2, pad)
+        bm = var.make_block_mask(q, k, v, ctx, p) if var.consumes_block_mask else None
+        n0 = len(ran)
+        with use_impl("auto"):
+            var.run(q, k, v, ctx, p, bm)
+        available = [n for n in var.fast_paths() if var.fast_available(n, q, ctx, p)]
+        assert ran[n0:] == available[:1], f"{var.name} causal={causal}: ran {ran[n0:]}, available {available}"
+    assert ran, f"{var.name} declares fast paths {list(var.fast_paths())} but none ran at this shape"
 
 
 @pytest.mark.parametrize("var", VARIANTS, ids=IDS)

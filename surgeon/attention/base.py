@@ -7,7 +7,8 @@ Every attention variant is a :class:`Variant` subclass living in its own folder 
   into the policy (and into the op's ``config`` string);
 * ``reference``: the definition of its semantics in plain torch;
 * ``fast_paths``: optional faster implementations, each tested equal to the reference;
-* ``onnx``: its lowering to standard ONNX ops (see ``surgeon.exporters.onnx``).
+* ``lowering_module``: the module in its folder (``lowering.py``) holding its lowering to standard
+  ONNX ops (see :meth:`Variant.lowerings` and :mod:`surgeon.exporters.onnx_kit`).
 
 Tensor conventions (all variants):
     q: [B, Hq, Nq, D]   k: [B, Hkv, Nk, D]   v: [B, Hkv, Nk, Dv]
@@ -26,6 +27,7 @@ import abc
 import contextlib
 import contextvars
 import dataclasses
+import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -266,6 +268,10 @@ class Variant(abc.ABC):
     consumes_block_mask: ClassVar[bool] = False
     causal_only: ClassVar[bool] = False
     exports: ClassVar[tuple[str, ...]] = ("onnx",)
+    # The module of the variant's ONNX lowering, in its own folder (e.g.
+    # "surgeon.attention.block_topk.lowering"); None: no lowering. Named, not imported, so the
+    # variant never imports its lowering (the lowering imports the variant's helpers).
+    lowering_module: ClassVar[Optional[str]] = None
 
     # -- semantics ------------------------------------------------------------------
     @abc.abstractmethod
@@ -312,6 +318,12 @@ class Variant(abc.ABC):
         """Non-trivial parameters for tests at length ``n`` with ``hq`` heads."""
         return self.Params()
 
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens with ``hq`` (≥ 6) query heads: small blocks so
+        selections matter, edits large enough to move the output (the ONNX modulated × sparse
+        matrix reads them). Defaults to ``example_params(32, hq)``."""
+        return self.example_params(32, hq)
+
     def block_mask_shape(self, q, k, p: VariantParams) -> tuple:
         """Shape of the produced block mask (symbolic sizes allowed): [B, Hq, nqb, nkb]."""
         bs = getattr(p, "block_size")
@@ -331,6 +343,23 @@ class Variant(abc.ABC):
                 if self.fast_available(name, q, ctx, p):
                     return fn(q, k, v, ctx, p, block_mask)
         return self.reference(q, k, v, ctx, p, block_mask)
+
+    # -- ONNX ------------------------------------------------------------------
+    def lowerings(self) -> dict[str, Callable[..., Any]]:
+        """The variant's ONNX lowerings by body: ``"mask"`` (the token-mask body every lowered
+        variant has) and optionally ``"gather"`` (attends only to kept blocks). Read from
+        ``LOWERINGS[name]`` of :attr:`lowering_module`, imported on first use; ``{}`` without
+        one. Contract: :mod:`surgeon.exporters.onnx_kit`."""
+        if self.lowering_module is None:
+            return {}
+        return dict(importlib.import_module(self.lowering_module).LOWERINGS.get(self.name, {}))
+
+    def onnx_edits(self) -> Optional[Callable[..., Any]]:
+        """Modulated variants: their edit form ``fn(op, site, params, definition) -> Edits``
+        (``EDITS[name]`` of :attr:`lowering_module`); None otherwise."""
+        if self.lowering_module is None:
+            return None
+        return getattr(importlib.import_module(self.lowering_module), "EDITS", {}).get(self.name)
 
     # -- params ------------------------------------------------------------------
     def params_from(self, d: Optional[dict[str, Any]]) -> VariantParams:

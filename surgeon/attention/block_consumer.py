@@ -3,7 +3,7 @@
 A consumer turns the mask an anchor produced (an explicit graph edge) plus its own forced blocks
 into ``effective_mask`` [B, Hq, nqb, nkb], then attends to exactly those blocks: the reference
 upsamples to a token mask, the ``gather`` fast path runs the block-sparse kernel (Triton on CUDA,
-see :func:`surgeon.kernels.blocksparse_cpu.block_sparse_attention`). Subclasses define
+see :func:`surgeon.kernels.dispatch.block_sparse_attention`). Subclasses define
 ``effective_mask`` and ``blocks(p) → (q_block, k_block)``.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from surgeon.attention.base import (
     record_density,
     recorder_active,
 )
-from surgeon.kernels.blocksparse_cpu import (
+from surgeon.kernels.dispatch import block_sparse_attention
+from surgeon.kernels.geometry import (
     block_mask_density,
     block_pair_counts,
-    block_sparse_attention,
     upsample_block_mask,
 )
 

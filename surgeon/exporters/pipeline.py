@@ -10,8 +10,8 @@ What :func:`export_rewritten` does, in order (nothing is written until every ste
    that is not a surgeon rewrite is :class:`BadInput`);
 2. exports the rewritten program with :func:`surgeon.exporters.onnx_lowering.export_program`:
    every ``surgeon::`` op is one node calling an ONNX function of domain ``surgeon`` whose body
-   is standard ONNX (block-sparse variants use the gathered bodies of
-   :mod:`surgeon.exporters.blocksparse_lowering`); batch and sequence axes stay dynamic and are
+   is standard ONNX (block-sparse variants use their gathered bodies with ``lowering="gather"``,
+   see :mod:`surgeon.exporters.onnx_blocks`); batch and sequence axes stay dynamic and are
    named after the rewrite's dynamic-axes spec (``batch``, ``seq``); weights go to
    ``model.onnx.data``; ``onnx.checker.check_model(full_check=True)`` must pass;
 3. verifies (default on): onnxruntime (CPU) and PyTorch (the loaded rewritten program) run the
@@ -35,7 +35,6 @@ unverified export for debugging.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from pydantic import PrivateAttr
 
 from surgeon.artifacts import Artifact, file_sha256
 from surgeon.errors import BadInput, CheckFailed
+from surgeon.exporters.verification import VerificationFailed, compare_output, error_table
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,6 @@ class ExportManifest(Artifact):
         """Wall time of each stage of the run that made this manifest (not saved: artifacts are
         byte-identical across runs)."""
         return self._seconds
-
-
-class VerificationFailed(CheckFailed):
-    """onnxruntime (or the TensorRT engine) disagrees with PyTorch. ``table`` is the error table
-    (one line per input case and output), ``rows`` the same as dicts. Exit 1."""
-
-    def __init__(self, problem: str, fix: str, table: str, rows: list[dict[str, Any]]) -> None:
-        super().__init__(problem, fix)
-        self.table = table
-        self.rows = rows
 
 
 # --------------------------------------------------------------------------- arguments
@@ -302,45 +292,6 @@ def _io_spec(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 # --------------------------------------------------------------------------- verification
 
-def compare_output(want: np.ndarray, got: np.ndarray, valid: Optional[np.ndarray], rtol: float,
-                   atol: float) -> dict[str, Any]:
-    """Max abs error, max error relative to max |want|, tolerance and verdict for one output.
-
-    ``valid`` bool [B, N] restricts the comparison to real tokens when the output starts with
-    those axes. Bool/int outputs must be equal.
-    """
-    row: dict[str, Any] = {"shape": list(want.shape)}
-    if want.shape != got.shape:
-        row.update(max_abs_err=math.inf, max_rel_err=math.inf, tol=0.0, ok=False, got_shape=list(got.shape))
-        return row
-    if valid is not None and want.ndim >= 2 and want.shape[:2] == valid.shape:
-        want, got = want[valid], got[valid]
-    if want.dtype.kind in "biu" or got.dtype.kind in "biu":
-        bad = int(np.count_nonzero(want.astype(np.int64) != got.astype(np.int64)))
-        row.update(max_abs_err=float(bad > 0), max_rel_err=float(bad > 0), tol=0.0, ok=bad == 0, mismatched=bad)
-        return row
-    w, g = want.astype(np.float64), got.astype(np.float64)
-    finite = np.isfinite(w) & np.isfinite(g)
-    same_special = (~np.isfinite(w)) & (~np.isfinite(g)) & ((w == g) | (np.isnan(w) & np.isnan(g)))
-    diff = np.where(finite, np.abs(w - g), np.where(same_special, 0.0, np.inf))
-    scale = float(np.abs(w[np.isfinite(w)]).max()) if np.isfinite(w).any() else 0.0
-    max_abs = float(diff.max()) if diff.size else 0.0
-    tol = atol + rtol * scale
-    row.update(max_abs_err=max_abs, max_rel_err=max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf),
-               tol=tol, ok=bool(max_abs <= tol))
-    return row
-
-
-def error_table(rows: list[dict[str, Any]]) -> str:
-    """The verification rows as an aligned text table (one line per input case and output)."""
-    head = f"{'batch':>5} {'length':>6}  {'output':<20} {'max_abs_err':>11} {'max_rel_err':>11} {'tol':>9}  ok"
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r['batch']:>5} {r['length']:>6}  {r['output'][:20]:<20} {r['max_abs_err']:>11.3e} "
-                     f"{r['max_rel_err']:>11.3e} {r['tol']:>9.2e}  {'yes' if r['ok'] else 'NO'}")
-    return "\n".join(lines)
-
-
 def _verify(path: Path, program: torch.export.ExportedProgram, inputs: _Inputs, rtol: float, atol: float,
             progress: Progress) -> tuple[list[dict[str, Any]], list[str]]:
     import onnxruntime as ort
@@ -414,7 +365,6 @@ def export_rewritten(
     Raises :class:`BadInput` (exit 2) for unusable arguments or folders and
     :class:`VerificationFailed` (exit 1) when outputs differ; nothing is written then.
     """
-    from surgeon.exporters import blocksparse_lowering as BL
     from surgeon.exporters import onnx_lowering as L
     from surgeon.passes.rewrite import load_rewritten
 
@@ -422,8 +372,8 @@ def export_rewritten(
     seconds: dict[str, float] = {}
     lengths = tuple(lengths)
     _check_args(fmt, opset, lengths, precision)
-    if lowering not in BL.LOWERING_MODES:
-        raise BadInput(f"unknown block-sparse lowering '{lowering}'", f"use one of: {', '.join(BL.LOWERING_MODES)}")
+    if lowering not in L.LOWERING_MODES:
+        raise BadInput(f"unknown block-sparse lowering '{lowering}'", f"use one of: {', '.join(L.LOWERING_MODES)}")
     src = Path(rewritten)
     if not src.is_dir():
         raise BadInput(f"{src} is not a folder", "give a folder written by `surgeon rewrite`")
@@ -452,8 +402,8 @@ def export_rewritten(
         say(f"exporting to ONNX (opset {opset})")
         t0 = time.perf_counter()
         example = inputs.make(*inputs.cases[0], seed=0)
-        with BL.use_lowerings(lowering):
-            res = L.export_program(rw.program, example, None, tmp / MODEL_FILE, opset=opset, external_data=True)
+        res = L.export_program(rw.program, example, None, tmp / MODEL_FILE, opset=opset, external_data=True,
+                               lowering=lowering)
         n_out = len(rw.program.graph_signature.user_outputs)
         wanted = [_OUTPUT_NAMES.get(rw.manifest.model_kind, "output")] if n_out == 1 else \
             [f"output_{i}" for i in range(n_out)]

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from surgeon.errors import BadInput
+from surgeon.exporters.verification import VerificationFailed, error_table
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ def maybe_build_engine(folder: Path, info: dict[str, Any], *, onnx_file: str, in
     """Build ``model.engine`` in ``folder`` where TensorRT and a GPU exist: (engine file, None).
     Elsewhere: (None, reason) and the README says the engine must be built on the target.
 
-    Raises :class:`surgeon.exporters.pipeline.VerificationFailed` when the engine's outputs differ
+    Raises :class:`surgeon.exporters.verification.VerificationFailed` when the engine's outputs differ
     from onnxruntime, :class:`BadInput` when TensorRT rejects the model.
     """
     ok, why = tensorrt_status()
@@ -354,8 +355,6 @@ def maybe_build_engine(folder: Path, info: dict[str, Any], *, onnx_file: str, in
                        "see the TensorRT log; the bundle was not written") from e
     info["engine_verification"] = rows
     if not all(r["ok"] for r in rows):
-        from surgeon.exporters.pipeline import VerificationFailed, error_table
-
         raise VerificationFailed("the TensorRT engine differs from onnxruntime",
                                  "nothing was written; try --precision fp32", error_table(rows), rows)
     write_readme(folder, info, model, model_kind, status=f"Engine: {ENGINE_FILE} (built here with TensorRT {why}).")

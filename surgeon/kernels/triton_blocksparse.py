@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import causal_block_bounds
+from surgeon.kernels.geometry import causal_block_bounds
 from surgeon.kernels.triton_common import (
     HAS_TRITON,
     LOG2E,

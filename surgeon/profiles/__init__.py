@@ -9,7 +9,7 @@ Public API (imported lazily, so ``import surgeon.profiles`` does no work):
 * :func:`write_report` ``(profile, policy, path)`` — :mod:`surgeon.profiles.report`
 * :func:`load_calibration` ``(path | None, lm, samples, seq_len, split)`` — :mod:`surgeon.profiles.data`
 * :class:`Profile` — :mod:`surgeon.profiles.profile_doc`
-* evidence: :func:`compare_head_budgets`, :func:`compare_layer_policies`
+* evidence: :func:`compare_head_budgets`, :func:`compare_layer_policies` — :mod:`surgeon.profiles.evidence`
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from typing import Any
 
 _EXPORTS = {
     "profile": "surgeon.profiles.collect",
-    "ProfileSettings": "surgeon.profiles.collect",
-    "compare_head_budgets": "surgeon.profiles.collect",
-    "compare_layer_policies": "surgeon.profiles.collect",
-    "evaluate_policies": "surgeon.profiles.collect",
+    "ProfileSettings": "surgeon.profiles.profile_settings",
+    "compare_head_budgets": "surgeon.profiles.evidence",
+    "compare_layer_policies": "surgeon.profiles.evidence",
+    "evaluate_policies": "surgeon.profiles.evidence",
     "plan_details": "surgeon.profiles.plan",
     "PlanOptions": "surgeon.profiles.plan",
     "DEFAULT_BUDGET_CAUSAL": "surgeon.profiles.plan",

@@ -21,7 +21,7 @@ units ``rank, rank + N, rank + 2N, …`` of that list, so each pass is shared ev
 
 Why the result is exact
 -----------------------
-Each unit is accumulated into fresh float64 sums and lists (:class:`surgeon.profiles.collect._Unit`).
+Each unit is accumulated into fresh float64 sums and lists (:class:`surgeon.profiles.collector._Unit`).
 A single process merges every unit into the totals as it finishes, in ``(pass, sample)`` order;
 distributed rank 0 gathers the units of all ranks (``gather_object``) and merges them in the same
 order. The additions are therefore the same additions in the same order: counts are equal, and

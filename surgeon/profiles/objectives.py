@@ -19,9 +19,9 @@ raises is a :class:`~surgeon.errors.BadInput` (exit 2), and nothing is written.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from surgeon.errors import BadInput
+from surgeon.evaluate import next_token_ce
 
 # PAG guidance weight of :func:`guided_ce` (HeadHunter's main table uses w = 3.0, methods.md §9)
 GUIDANCE_W = 3.0
@@ -38,18 +38,6 @@ def _check_logits(logits: torch.Tensor, input_ids: torch.Tensor, name: str) -> N
         raise BadInput(f"objective {name}: token id {int(input_ids.max())} is beyond the output's "
                        f"{logits.shape[-1]} columns (the output is not a vocabulary distribution)",
                        "use it with a causal language model, or give --objective module:function for this model")
-
-
-def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, chunk: int = 512) -> float:
-    """Mean next-token cross-entropy (nats) of logits [B, N, V] on ids [B, N], rows chunked."""
-    b, n = input_ids.shape
-    tot, cnt = 0.0, 0
-    for i in range(b):
-        for a in range(0, n - 1, chunk):
-            e = min(n - 1, a + chunk)
-            tot += float(F.cross_entropy(logits[i, a:e].float(), input_ids[i, a + 1:e + 1], reduction="sum"))
-            cnt += e - a
-    return tot / max(cnt, 1)
 
 
 def calibration_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> float:

@@ -32,7 +32,7 @@ Algorithm
    ``w_l = sens_l⁺ / miss_l(κ_ref)`` scales the measured loss increase at the reference keep to
    other keeps (proportional model). Without sensitivities ``w_l = 1``. Ties prefer the larger κ.
 3. **Per-head budgets (HeSS, methods.md §1)** — per-head keeps by water-filling
-   (:func:`solvers.water_fill`) on HeSS with the same total as the uniform keep. A reusing layer
+   (:func:`hess.water_fill`) on HeSS with the same total as the uniform keep. A reusing layer
    attends with its anchor's block mask, so an anchor's head allocation serves its whole group:
    ``head_scope="model"`` (default) water-fills once over all anchors' heads, each counted once
    per site it serves, weight = mean HeSS over those sites (budget moves across layers at equal
@@ -63,8 +63,8 @@ from surgeon.profiles.solvers import (
     hylra_for_budget,
     policy_cost,
     select_overhead,
-    water_fill,
 )
+from surgeon.profiles.hess import water_fill
 
 DEFAULT_BUDGET_CAUSAL = 0.15
 # candidate keeps, as fractions of the budget (plus the profile's keep grid below the budget)

@@ -1,9 +1,10 @@
-"""Pure solvers used by the ``plan`` stage (see methods.md §1–§3).
+"""HyLRA and the cost model: pure solvers used by the ``plan`` stage (methods.md §2).
 
 Every function here is a pure, deterministic function of its arguments (numpy, float64): no
 model, no torch, no I/O. The profiler produces the statistics; these solvers turn statistics
 plus a budget into a per-layer / per-head policy, so that changing the budget never requires
-re-profiling.
+re-profiling. The other solvers: :mod:`surgeon.profiles.hess` (HeSS water-filling, §1),
+:mod:`surgeon.profiles.delta_layers` (DELTA, §3); shared checks in :mod:`surgeon.profiles.solver_checks`.
 
 Contents
 --------
@@ -16,12 +17,6 @@ HyLRA (methods.md §2, reference: UCM ``gsa_on_device/tools/main.py``)
     :func:`prepare_overlap`       zero rollback rows/cols, diagonal 1, merge over KV heads
     :func:`hylra_dp`              ``best_path_min_sum``: the (min, sum) dynamic program
     :func:`hylra_for_budget`      pick the rollback count so the policy fits a compute budget
-HeSS (methods.md §1, [PROPOSED] reallocation)
-    :func:`water_fill`            κ_h = clip(λ·w_h, κ_min, κ_max) with Σκ = B
-DELTA (methods.md §3)
-    :func:`delta_groups`          full / planner (Δ-layer) / sparse roles from ``full_cache_layers``
-    :func:`choose_delta_layers`   [PROPOSED] choose ``full_cache_layers`` from calibration scores
-    :func:`delta_coverage`        (min, sum) overlap objective of a DELTA layout
 Cost model
     :func:`select_overhead`, :func:`layer_cost`, :func:`policy_cost`
 """
@@ -32,113 +27,26 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
-import numpy.typing as npt
 
 from surgeon.errors import BadInput
+from surgeon.profiles.solver_checks import (
+    COVER_SLACK,
+    ROLE_FULL,
+    ROLE_PLANNER,
+    ROLE_REUSE,
+    ROLE_SELECT,
+    ROLE_SPARSE,
+    ArrayLike,
+    Value,
+    apply_rollback,
+    ceil_count,
+    finite_array,
+    layer_set,
+    lex_argmax_rows,
+    overlap_stack,
+    unit_interval,
+)
 
-ArrayLike = npt.ArrayLike
-Value = tuple[float, float]
-
-# ceil() of products such as 10 * (1 - 0.7) = 3.0000000000000004 must give 3, not 4: the
-# spec's counts (⌈L·(1−s)⌉, ⌈L·s·ρ⌉) are meant on exact decimals, so we subtract this slack.
-_CEIL_SLACK = 1e-9
-# Tolerance used when comparing a cumulative mass fraction with the coverage target.
-_COVER_SLACK = 1e-12
-
-ROLE_FULL = "full"
-ROLE_SELECT = "select"
-ROLE_REUSE = "reuse"
-ROLE_PLANNER = "planner"
-ROLE_SPARSE = "sparse"
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-def _ceil(x: float) -> int:
-    """⌈x⌉ that ignores float noise below ``_CEIL_SLACK`` (10·(1−0.7) → 3)."""
-    return int(math.ceil(x - _CEIL_SLACK))
-
-
-def _finite(values: ArrayLike, name: str, *, min_ndim: int = 0) -> np.ndarray:
-    try:
-        a = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise BadInput(f"{name} is not numeric ({e})", f"pass a numeric array for {name}") from None
-    if a.ndim < min_ndim:
-        raise BadInput(f"{name} has {a.ndim} dimensions, expected at least {min_ndim}",
-                       f"pass an array with at least {min_ndim} dimension(s)")
-    if a.size == 0:
-        raise BadInput(f"{name} is empty", f"pass a non-empty {name}")
-    if not np.all(np.isfinite(a)):
-        raise BadInput(f"{name} contains NaN or infinite values", f"clean {name} before planning")
-    return a
-
-
-def _unit(name: str, value: float, *, lo_open: bool = False) -> float:
-    v = float(value)
-    ok = (v > 0.0 if lo_open else v >= 0.0) and v <= 1.0 and not math.isnan(v)
-    if not ok:
-        rng = "(0, 1]" if lo_open else "[0, 1]"
-        raise BadInput(f"{name}={value} is out of range", f"use a value in {rng}")
-    return v
-
-
-def _layer_set(layers: Sequence[int], num_layers: int, name: str) -> list[int]:
-    out: set[int] = set()
-    for x in layers:
-        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
-            raise BadInput(f"{name} contains {x!r}, not a layer index", "pass integer layer indices")
-        if not 0 <= int(x) < num_layers:
-            raise BadInput(f"{name} contains layer {int(x)} but the model has {num_layers} layers",
-                           f"use indices in [0, {num_layers - 1}]")
-        out.add(int(x))
-    return sorted(out)
-
-
-def _lex_better(m1: float, s1: float, m2: float, s2: float) -> bool:
-    """(m1, s1) > (m2, s2) lexicographically."""
-    return m1 > m2 or (m1 == m2 and s1 > s2)
-
-
-def _lex_argmax_rows(m: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column-wise lexicographic argmax of (m, s) over axis 0; ties → smallest row.
-
-    m, s: [R, C]. Returns (row index [C], best m [C], best s [C]).
-    """
-    bm = m.max(axis=0)
-    cand = m == bm
-    bs = np.where(cand, s, -np.inf).max(axis=0)
-    arg = (cand & (s == bs)).argmax(axis=0)
-    return arg, bm, bs
-
-
-def _overlap_stack(overlap: ArrayLike, name: str = "overlap") -> np.ndarray:
-    """[L, L] or [S, L, L] → [S, L, L] (S calibration sets), validated to lie in [0, 1]."""
-    o = _finite(overlap, name, min_ndim=2)
-    if o.ndim == 2:
-        o = o[None]
-    if o.ndim != 3 or o.shape[-1] != o.shape[-2]:
-        raise BadInput(f"{name} has shape {list(o.shape)}, expected [L, L] or [S, L, L]",
-                       "pass one square overlap matrix per calibration set")
-    if o.min() < -1e-9 or o.max() > 1.0 + 1e-9:
-        raise BadInput(f"{name} has values outside [0, 1] (min {o.min():.4g}, max {o.max():.4g})",
-                       "overlaps are fractions |M_i ∩ M_j| / |M_j|; recompute them")
-    return o
-
-
-def _apply_rollback(o: np.ndarray, rollback: Sequence[int]) -> np.ndarray:
-    """Copy of ``o`` [..., L, L] with rollback rows/cols zeroed and the diagonal set to 1."""
-    o = np.array(o, dtype=np.float64, copy=True)
-    idx = list(rollback)
-    if idx:
-        o[..., idx, :] = 0.0
-        o[..., :, idx] = 0.0
-    n = o.shape[-1]
-    o[..., np.arange(n), np.arange(n)] = 1.0
-    return o
-
-
-# --------------------------------------------------------------------------- HyLRA step 1
 
 def iqr_clip_mean(values: ArrayLike, axis: int = 0) -> np.ndarray:
     """Mean along ``axis`` after clipping to ``[Q1 − 1.5·IQR, Q3 + 1.5·IQR]``.
@@ -150,7 +58,7 @@ def iqr_clip_mean(values: ArrayLike, axis: int = 0) -> np.ndarray:
     values: [..., T, ...] with the T steps along ``axis``. Returns the array with ``axis``
     removed (a 0-d array for 1-D input), float64.
     """
-    a = _finite(values, "values", min_ndim=1)
+    a = finite_array(values, "values", min_ndim=1)
     if not -a.ndim <= axis < a.ndim:
         raise BadInput(f"axis={axis} is out of range for an array with {a.ndim} dimensions",
                        f"use an axis in [{-a.ndim}, {a.ndim - 1}]")
@@ -170,8 +78,8 @@ def mass_fraction_needed(block_mass: ArrayLike, coverage: float = 0.9) -> np.nda
     block_mass: [..., n_blocks] non-negative, each row with positive total. Returns [...] in
     (0, 1], float64 (a 0-d array for 1-D input).
     """
-    m = _finite(block_mass, "block_mass", min_ndim=1)
-    cov = _unit("coverage", coverage, lo_open=True)
+    m = finite_array(block_mass, "block_mass", min_ndim=1)
+    cov = unit_interval("coverage", coverage, lo_open=True)
     if m.min() < 0:
         raise BadInput("block_mass has negative entries", "pass attention mass (probabilities) per block")
     tot = m.sum(axis=-1, keepdims=True)
@@ -180,7 +88,7 @@ def mass_fraction_needed(block_mass: ArrayLike, coverage: float = 0.9) -> np.nda
     nb = m.shape[-1]
     srt = -np.sort(-m, axis=-1)
     cum = np.cumsum(srt / tot, axis=-1)
-    needed = np.minimum((cum < cov - _COVER_SLACK).sum(axis=-1) + 1, nb)
+    needed = np.minimum((cum < cov - COVER_SLACK).sum(axis=-1) + 1, nb)
     return np.asarray(needed / nb, dtype=np.float64)
 
 
@@ -192,7 +100,7 @@ def layer_hash_ratio(block_mass: ArrayLike, coverage: float = 0.9) -> np.ndarray
     (:func:`mass_fraction_needed`), IQR-clipped mean over the T steps (:func:`iqr_clip_mean`),
     then mean over the G KV heads. Returns hr: [L].
     """
-    m = _finite(block_mass, "block_mass")
+    m = finite_array(block_mass, "block_mass")
     if m.ndim != 4:
         raise BadInput(f"block_mass has shape {list(m.shape)}, expected [T, L, G, n_blocks]",
                        "stack the per-step block masses as [steps, layers, kv_heads, blocks]")
@@ -202,8 +110,8 @@ def layer_hash_ratio(block_mass: ArrayLike, coverage: float = 0.9) -> np.ndarray
 
 def rollback_count(num_layers: int, sparsity: float) -> int:
     """|R| = ⌈L·(1 − s)⌉ (float noise ignored), clamped to [0, L]."""
-    s = _unit("sparsity", sparsity)
-    return min(max(_ceil(num_layers * (1.0 - s)), 0), num_layers)
+    s = unit_interval("sparsity", sparsity)
+    return min(max(ceil_count(num_layers * (1.0 - s)), 0), num_layers)
 
 
 def _top_layers(hr: np.ndarray, count: int) -> list[int]:
@@ -217,13 +125,11 @@ def rollback_layers(hr_per_layer: ArrayLike, sparsity: float) -> list[int]:
     Ties are broken by the smaller layer index. hr_per_layer: [L]. Returns sorted indices.
     Example: L = 61, s = 0.91 → 6 layers.
     """
-    hr = _finite(hr_per_layer, "hr_per_layer", min_ndim=1)
+    hr = finite_array(hr_per_layer, "hr_per_layer", min_ndim=1)
     if hr.ndim != 1:
         raise BadInput(f"hr_per_layer has shape {list(hr.shape)}, expected [L]", "pass one value per layer")
     return _top_layers(hr, rollback_count(hr.shape[0], sparsity))
 
-
-# --------------------------------------------------------------------------- HyLRA step 2
 
 def directed_overlap(masks: ArrayLike) -> np.ndarray:
     """Directed inter-layer overlap of top-k block selections.
@@ -263,7 +169,7 @@ def prepare_overlap(O_list: ArrayLike, rollback: Sequence[int], merge: Literal["
     O_list: [L, L] (one head), [G, L, L] (G KV heads) or [S, G, L, L] (S calibration sets).
     Returns [L, L] for the first two forms, [S, L, L] for the last (the DP's vector values).
     """
-    o = _finite(O_list, "O_list", min_ndim=2)
+    o = finite_array(O_list, "O_list", min_ndim=2)
     if o.ndim == 2:
         o = o[None]
     if o.ndim not in (3, 4) or o.shape[-1] != o.shape[-2]:
@@ -274,15 +180,13 @@ def prepare_overlap(O_list: ArrayLike, rollback: Sequence[int], merge: Literal["
                        "overlaps are fractions |M_i ∩ M_j| / |M_j|; recompute them")
     if merge not in ("min", "mean"):
         raise BadInput(f"merge={merge!r} is not supported", "use merge='min' or merge='mean'")
-    rb = _layer_set(rollback, o.shape[-1], "rollback")
-    o = _apply_rollback(o, rb)
+    rb = layer_set(rollback, o.shape[-1], "rollback")
+    o = apply_rollback(o, rb)
     merged = o.min(axis=-3) if merge == "min" else o.mean(axis=-3)
     n = merged.shape[-1]
     merged[..., np.arange(n), np.arange(n)] = 1.0
     return merged
 
-
-# --------------------------------------------------------------------------- HyLRA step 3
 
 @dataclass(frozen=True)
 class HylraPlan:
@@ -327,9 +231,9 @@ class HylraPlan:
 
 def hylra_c_max(num_layers: int, sparsity: float, rho: float, n_rollback: int) -> int:
     """C_max = ⌈L·s·ρ⌉ + |R| (float noise ignored)."""
-    s = _unit("sparsity", sparsity)
-    r = _unit("rho", rho)
-    return _ceil(num_layers * s * r) + int(n_rollback)
+    s = unit_interval("sparsity", sparsity)
+    r = unit_interval("rho", rho)
+    return ceil_count(num_layers * s * r) + int(n_rollback)
 
 
 def hylra_dp(
@@ -364,14 +268,14 @@ def hylra_dp(
     C_max the plain spec could return a path whose min is 0 and which reuses at a rollback layer.
     Pass False for the spec's DP exactly.
     """
-    o = _overlap_stack(O, "O")
+    o = overlap_stack(O, "O")
     L = o.shape[-1]
-    rb = _layer_set(rollback, L, "rollback")
+    rb = layer_set(rollback, L, "rollback")
     if c_max is None:
         cmax = hylra_c_max(L, sparsity, rho, len(rb))
     else:
-        _unit("sparsity", sparsity)
-        _unit("rho", rho)
+        unit_interval("sparsity", sparsity)
+        unit_interval("rho", rho)
         if isinstance(c_max, bool) or not isinstance(c_max, (int, np.integer)) or c_max < 0:
             raise BadInput(f"c_max={c_max!r} is not a non-negative integer", "pass c_max >= 0 or None")
         cmax = int(c_max)
@@ -380,7 +284,7 @@ def hylra_dp(
         if need > cmax:
             raise BadInput(f"c_max={cmax} cannot make all {need} rollback layers after layer 0 anchors",
                            "raise c_max (or rho) or pass force_rollback_anchors=False")
-    o = _apply_rollback(o, rb)
+    o = apply_rollback(o, rb)
     vmin = o.min(axis=0)  # [L, L]
     vsum = o.sum(axis=0)
     C = min(cmax, L - 1)  # more than L−1 new anchors is impossible: same feasible set
@@ -398,14 +302,14 @@ def hylra_dp(
             nM[:j] = np.minimum(M[:j], vmin[:j, j, None])
             nS[:j] = S[:j] + vsum[:j, j, None]
         if C >= 1:
-            arg, bm, bs = _lex_argmax_rows(M[:j, :C], S[:j, :C])
+            arg, bm, bs = lex_argmax_rows(M[:j, :C], S[:j, :C])
             ok = bm > neg
             nM[j, 1:] = np.where(ok, np.minimum(bm, vmin[j, j]), neg)
             nS[j, 1:] = np.where(ok, bs + vsum[j, j], neg)
             parent[j, 1:] = np.where(ok, arg, -1)
         M, S = nM, nS
     # final: iterate c ascending, then a ascending → first lexicographic maximum
-    arg, _, _ = _lex_argmax_rows(M.T.reshape(-1, 1), S.T.reshape(-1, 1))
+    arg, _, _ = lex_argmax_rows(M.T.reshape(-1, 1), S.T.reshape(-1, 1))
     c, a = divmod(int(arg[0]), L)
     if not M[a, c] > neg:
         raise BadInput("no HyLRA policy satisfies the constraints", "raise c_max or rho")
@@ -431,7 +335,7 @@ def evaluate_cfg(O: ArrayLike, cfg: Sequence[int]) -> Value:
     layers and calibration sets, the sum over both. Raises BadInput if ``cfg`` is not a valid
     contiguous-reuse policy (layer 0 an anchor; a layer reusing a has its predecessor served by a).
     """
-    o = _overlap_stack(O, "O")
+    o = overlap_stack(O, "O")
     L = o.shape[-1]
     if len(cfg) != L:
         raise BadInput(f"cfg has {len(cfg)} entries for {L} layers", "pass one entry per layer")
@@ -447,8 +351,6 @@ def evaluate_cfg(O: ArrayLike, cfg: Sequence[int]) -> Value:
     vals = np.stack([o[:, serving[l], l] for l in range(L)], axis=-1)  # [S, L]
     return float(vals.min()), float(vals.sum())
 
-
-# --------------------------------------------------------------------------- cost model
 
 def select_overhead(block_size: int = 64, mode: Literal["prefill", "decode"] = "prefill") -> float:
     """Cost of computing a layer's own block selection, as a fraction of dense attention.
@@ -477,7 +379,7 @@ def layer_cost(role: str, keep: float, select_cost: float = DEFAULT_SELECT_COST)
     full = 1; select = keep + select_cost; reuse = keep (HyLRA); planner (DELTA Δ-layer: dense
     attention plus page scoring) = 1 + select_cost; sparse (DELTA) = keep.
     """
-    k = _unit("keep", keep)
+    k = unit_interval("keep", keep)
     sc = float(select_cost)
     if not (sc >= 0 and math.isfinite(sc)):
         raise BadInput(f"select_cost={select_cost} is invalid", "pass a finite value >= 0")
@@ -494,7 +396,7 @@ def layer_cost(role: str, keep: float, select_cost: float = DEFAULT_SELECT_COST)
 
 
 def _keep_vector(keep: Union[float, ArrayLike], L: int) -> np.ndarray:
-    kv = _finite(keep, "keep")
+    kv = finite_array(keep, "keep")
     if kv.ndim == 0:
         kv = np.full(L, float(kv))
     if kv.shape != (L,):
@@ -557,9 +459,9 @@ def hylra_for_budget(
     (non-decreasing in r because the sets are nested) exceeds the budget (with
     ``force_rollback_anchors=False`` a rollback layer may be REUSE, so no r is pruned).
     """
-    o = _overlap_stack(O, "O")
+    o = overlap_stack(O, "O")
     L = o.shape[-1]
-    h = _finite(hr, "hr", min_ndim=1)
+    h = finite_array(hr, "hr", min_ndim=1)
     if h.shape != (L,):
         raise BadInput(f"hr has shape {list(h.shape)}, expected [{L}]", "pass one hash ratio per layer")
     b = float(budget)
@@ -591,274 +493,9 @@ def hylra_for_budget(
     return HylraBudgetResult(plan=plan, sparsity=s, cost=cost, tried=tried)
 
 
-# --------------------------------------------------------------------------- HeSS water-filling
-
-def water_fill(
-    scores: ArrayLike,
-    total: float,
-    k_min: float,
-    k_max: float = 1.0,
-    gamma: float = 1.0,
-) -> np.ndarray:
-    """HeSS budget reallocation [PROPOSED in methods.md §1]: κ_h = clip(B·w_h/Σw, κ_min, κ_max)
-    with the clipped excess/deficit redistributed over the unclipped heads until convergence.
-
-    The converged water-filling is exactly ``κ_h = clip(λ·w_h, κ_min, κ_max)`` with the unique
-    level λ for which Σκ = B; we compute λ in closed form (sort the breakpoints κ_min/w_h and
-    κ_max/w_h, find the segment where the piecewise-linear Σκ(λ) crosses B, solve it) and then set
-    the unclipped heads to ``(B − clipped total)·w_h / Σ_free w`` so they are exactly proportional
-    to w (the KKT condition of max Σ w log κ-style allocations) and Σκ = B up to rounding.
-
-    scores: any shape (e.g. [L, H]), HeSS_h; weights w_h = max(score, 0)^γ. Heads with w_h = 0
-    (zero/negative score) sit at κ_min; if B exceeds what the positive heads can absorb at κ_max,
-    the remainder is spread uniformly over the zero-weight heads (all-zero scores → uniform B/n).
-    Equal scores → uniform B/n. total: B = Σκ (e.g. κ·H for uniform keep κ). Raises BadInput when
-    B < n·κ_min or B > n·κ_max. Returns κ with the shape of ``scores``, float64.
-    """
-    s = _finite(scores, "scores")
-    shape = s.shape
-    s = s.ravel()
-    n = s.size
-    lo, hi = float(k_min), float(k_max)
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0.0 <= lo <= hi):
-        raise BadInput(f"k_min={k_min}, k_max={k_max} are invalid", "need 0 <= k_min <= k_max (finite)")
-    g = float(gamma)
-    if not (g >= 0 and math.isfinite(g)):
-        raise BadInput(f"gamma={gamma} is invalid", "pass a finite gamma >= 0")
-    B = float(total)
-    tol = 1e-9 * max(1.0, abs(B))
-    if not math.isfinite(B) or B < n * lo - tol or B > n * hi + tol:
-        raise BadInput(
-            f"total={total} is infeasible for {n} heads with keep in [{lo}, {hi}] (needs {n * lo:.6g} <= total <= {n * hi:.6g})",
-            "change the total budget or the k_min/k_max bounds",
-        )
-    B = min(max(B, n * lo), n * hi)
-    w = np.where(s > 0, np.power(np.maximum(s, 0.0), g), 0.0)
-    pos = w > 0
-    out = np.full(n, lo)
-    n_pos, n_zero = int(pos.sum()), int(n - pos.sum())
-    if n_pos == 0:
-        return np.full(shape, B / n)
-    target = B - n_zero * lo  # what the positive-weight heads must hold
-    if target >= n_pos * hi:
-        out[pos] = hi
-        if n_zero:
-            out[~pos] = min(max((B - n_pos * hi) / n_zero, lo), hi)
-        return out.reshape(shape)
-    if hi == lo:
-        return np.full(shape, lo)
-    wp = w[pos]
-    lam = _water_level(wp, target, lo, hi)
-    raw = lam * wp
-    at_lo = raw <= lo
-    at_hi = raw >= hi
-    free = ~(at_lo | at_hi)
-    kp = np.where(at_lo, lo, np.where(at_hi, hi, raw))
-    if free.any():
-        rem = target - lo * at_lo.sum() - hi * at_hi.sum()
-        kp[free] = np.clip(rem * wp[free] / wp[free].sum(), lo, hi)
-    out[pos] = kp
-    return out.reshape(shape)
-
-
-def _water_level(w: np.ndarray, target: float, lo: float, hi: float) -> float:
-    """λ with Σ clip(λ·w, lo, hi) = target, for w > 0 and n·lo <= target < n·hi."""
-    ws = np.sort(w)
-    csum = np.concatenate([[0.0], np.cumsum(ws)])
-    n = ws.size
-
-    def f(lam: np.ndarray) -> np.ndarray:
-        """Σ clip(λ·w, lo, hi) for an array of λ ≥ 0 (vectorised over λ)."""
-        lam = np.asarray(lam, dtype=np.float64)
-        pos = lam > 0
-        safe = np.where(pos, lam, 1.0)
-        n_lo = np.where(pos, np.searchsorted(ws, lo / safe, side="right"), n)  # λw <= lo
-        n_hi = np.where(pos, n - np.searchsorted(ws, hi / safe, side="left"), 0)  # λw >= hi
-        mid = csum[n - n_hi] - csum[n_lo]
-        return lo * n_lo + hi * n_hi + np.where(pos, lam, 0.0) * mid
-
-    bps = np.unique(np.concatenate([lo / ws, hi / ws]))
-    vals = np.maximum.accumulate(f(bps))  # f is non-decreasing; remove rounding wiggles
-    k = int(np.searchsorted(vals, target, side="left"))  # first breakpoint with f >= target
-    if k < bps.size and vals[k] == target:
-        return float(bps[k])
-    if k == 0:  # only reachable through rounding: target ≈ n·lo = f(first breakpoint)
-        return float(bps[0])
-    a, b = float(bps[k - 1]), float(bps[min(k, bps.size - 1)])
-    # f is linear on [a, b]: f(λ) = lo·n_lo + hi·n_hi + λ·(Σ of w free on that segment)
-    mid_l = 0.5 * (a + b)
-    n_lo = int(np.searchsorted(ws, lo / mid_l, side="right"))
-    n_hi = n - int(np.searchsorted(ws, hi / mid_l, side="left"))
-    slope = csum[n - n_hi] - csum[n_lo]
-    if slope <= 0:
-        return b
-    return float((target - lo * n_lo - hi * n_hi) / slope)
-
-
-# --------------------------------------------------------------------------- DELTA
-
-def delta_groups(num_layers: int, full_cache_layers: Sequence[int]) -> list[dict[str, Any]]:
-    """DELTA layer groups (methods.md §3) from ``full_cache_layers`` F.
-
-    For layer i: i ∈ F and i+1 ∈ F → "full"; i ∈ F and i+1 ∉ F → "planner" (Δ-layer: full
-    attention plus page selection); i ∉ F → "sparse", reading the page subset of the most
-    recent planner (``source``). Returns ``[{"layer": i, "role": ..., "source": int | None}]``
-    (source is None for full and planner layers). Raises BadInput if a sparse layer has no
-    planner before it (layer 0 ∉ F).
-    """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
-        raise BadInput(f"num_layers={num_layers!r} is not a positive integer", "pass the model's layer count")
-    L = int(num_layers)
-    F = set(_layer_set(full_cache_layers, L, "full_cache_layers"))
-    out: list[dict[str, Any]] = []
-    last_planner: Optional[int] = None
-    for i in range(L):
-        if i in F:
-            role = ROLE_FULL if (i + 1) in F else ROLE_PLANNER
-            if role == ROLE_PLANNER:
-                last_planner = i
-            out.append({"layer": i, "role": role, "source": None})
-        else:
-            if last_planner is None:
-                raise BadInput(f"layer {i} is sparse but no Δ-layer precedes it",
-                               "include layer 0 (and the first planner) in full_cache_layers")
-            out.append({"layer": i, "role": ROLE_SPARSE, "source": last_planner})
-    return out
-
-
-def delta_coverage(overlap: ArrayLike, full_cache_layers: Sequence[int]) -> Value:
-    """(min, sum) over sparse layers j of ``O[planner(j), j]`` (min/sum also over calibration
-    sets), the objective :func:`choose_delta_layers` maximises for 2-D scores.
-
-    overlap: [L, L] or [S, L, L] directed overlaps (O[i, j], i < j). With no sparse layer the
-    value is (+inf, 0).
-    """
-    o = _overlap_stack(overlap, "overlap")
-    groups = delta_groups(o.shape[-1], full_cache_layers)
-    m, s = math.inf, 0.0
-    for g in groups:
-        if g["role"] == ROLE_SPARSE:
-            v = o[:, g["source"], g["layer"]]
-            m = min(m, float(v.min()))
-            s += float(v.sum())
-    return m, s
-
-
-def choose_delta_layers(
-    layer_scores: ArrayLike,
-    n_planners: int,
-    n_full_initial: int = 2,
-) -> list[int]:
-    """Choose DELTA's ``full_cache_layers`` [PROPOSED; the DELTA repo hard-codes F per model].
-
-    Layers 0..n_full_initial−1 are full and layer ``n_full_initial`` is the first planner (the
-    repo's default F = {0, 1, 2, 14, 22} has n_full_initial = 2). The other n_planners − 1
-    planners p must satisfy p ≥ n_full_initial + 2 and pairwise gaps ≥ 2 (a planner's successor
-    must be outside F, or it would turn into a full layer). Two proposals, both solved exactly
-    by dynamic programming:
-
-    * layer_scores [L] (per-layer sensitivity, e.g. HyLRA's hr or a HeSS-style score): planners
-      run dense attention, so put them on the most sensitive layers — maximise the sum of the
-      chosen planners' scores. Ties prefer earlier layers.
-    * layer_scores [L, L] or [S, L, L] (directed top-k overlap, see :func:`directed_overlap`):
-      place planners where the overlap with the previous planner's selection drops — maximise
-      :func:`delta_coverage` (min over sparse layers of O[planner(j), j], then the sum),
-      lexicographically, as HyLRA's DP does.
-
-    Returns F as a sorted list (feed it to :func:`delta_groups`).
-    """
-    a = _finite(layer_scores, "layer_scores", min_ndim=1)
-    L = a.shape[-1]
-    for nm, v, lo in (("n_planners", n_planners, 1), ("n_full_initial", n_full_initial, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-            raise BadInput(f"{nm}={v!r} is invalid", f"pass an integer >= {lo}")
-    n0, P = int(n_full_initial), int(n_planners)
-    if n0 >= L:
-        raise BadInput(f"n_full_initial={n0} leaves no planner in {L} layers", f"use n_full_initial < {L}")
-    start = n0 + 2
-    room = max(0, L - start)
-    if P - 1 > (room + 1) // 2:
-        raise BadInput(f"{P} planners do not fit in {L} layers with {n0} initial full layers (planners cannot be adjacent)",
-                       "lower n_planners or n_full_initial")
-    base = list(range(n0 + 1))
-    if P == 1:
-        return base
-    if a.ndim == 1:
-        extra = _choose_by_score(a, P - 1, start)
-    else:
-        o = _overlap_stack(a, "layer_scores")
-        extra = _choose_by_overlap(o, P, n0)
-    return base + extra
-
-
-def _choose_by_score(score: np.ndarray, k: int, start: int) -> list[int]:
-    """k pairwise non-adjacent layers in [start, L) maximising Σ score; ties → earlier layers."""
-    L = score.size
-    neg = -np.inf
-    # h[i, c]: best sum using layers in [start, start + i) with c chosen (i = 0..L−start).
-    m = L - start
-    h = np.full((m + 1, k + 1), neg)
-    h[0, 0] = 0.0
-    if m >= 1:
-        h[1, 0] = 0.0
-        h[1, 1] = score[start] if k >= 1 else neg
-    for i in range(2, m + 1):
-        take = np.full(k + 1, neg)
-        take[1:] = h[i - 2, :k] + score[start + i - 1]
-        h[i] = np.maximum(h[i - 1], take)
-    chosen: list[int] = []
-    i, c = m, k
-    while c > 0:
-        # skip layer start+i−1 when that is as good (prefers earlier layers on ties)
-        if h[i - 1, c] == h[i, c]:
-            i -= 1
-            continue
-        chosen.append(start + i - 1)
-        i, c = i - 2, c - 1
-    return sorted(chosen)
-
-
-def _choose_by_overlap(o: np.ndarray, P: int, n0: int) -> list[int]:
-    """Planner placement maximising lexicographic (min, sum) coverage; see choose_delta_layers."""
-    L = o.shape[-1]
-    vmin, vsum = o.min(axis=0), o.sum(axis=0)
-    neg = -np.inf
-    M = np.full((L, P + 1), neg)  # [current planner a, planners used c]
-    S = np.full((L, P + 1), neg)
-    M[n0, 1] = np.inf  # min over no sparse layer yet
-    S[n0, 1] = 0.0
-    parent = np.full((L, P + 1), -1, dtype=np.int64)
-    for j in range(n0 + 1, L):
-        nM = np.full_like(M, neg)
-        nS = np.full_like(S, neg)
-        nM[:j] = np.minimum(M[:j], vmin[:j, j, None])  # j sparse, served by a
-        nS[:j] = S[:j] + vsum[:j, j, None]
-        if j - 1 > n0:  # j planner: predecessor must be sparse (a < j−1), planners unchanged value
-            arg, bm, bs = _lex_argmax_rows(M[: j - 1, :P], S[: j - 1, :P])
-            ok = bm > neg
-            nM[j, 1:] = np.where(ok, bm, neg)
-            nS[j, 1:] = np.where(ok, bs, neg)
-            parent[j, 1:] = np.where(ok, arg, -1)
-        M, S = nM, nS
-    arg, bm, _ = _lex_argmax_rows(M[:, P:P + 1], S[:, P:P + 1])
-    if not bm[0] > neg:
-        raise BadInput(f"{P} planners cannot be placed in {L} layers", "lower n_planners")
-    a, c = int(arg[0]), P
-    chosen: list[int] = []
-    for j in range(L - 1, n0, -1):
-        if a == j:
-            chosen.append(j)
-            a = int(parent[j, c])
-            c -= 1
-    return sorted(chosen)
-
-
 __all__ = [
     "HylraBudgetResult",
     "HylraPlan",
-    "choose_delta_layers",
-    "delta_coverage",
-    "delta_groups",
     "directed_overlap",
     "evaluate_cfg",
     "hylra_c_max",
@@ -873,5 +510,4 @@ __all__ = [
     "rollback_count",
     "rollback_layers",
     "select_overhead",
-    "water_fill",
 ]

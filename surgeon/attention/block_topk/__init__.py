@@ -18,7 +18,7 @@ Choices made here (documented because the sources leave them open):
   it exceeds the forced blocks. The causal-boundary blocks are forced because their pooled
   key would otherwise let a future token change earlier outputs.
 * Causal pooled query: the mean over the ``block_size`` query rows ending at the block's first
-  row (see :func:`surgeon.kernels.blocksparse_cpu.pooled_queries`); non-causal: the block's
+  row (see :func:`surgeon.kernels.geometry.pooled_queries`); non-causal: the block's
   own rows. Pooling ignores padded tokens; key blocks with no real key are never picked by
   top-k (only as forced blocks, harmless since token masks still apply).
 * Ties are broken toward the lower block index.
@@ -33,11 +33,11 @@ from typing import Optional
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import (
+from surgeon.kernels.dispatch import block_sparse_attention
+from surgeon.kernels.geometry import (
     block_geometry,
     block_mask_density,
     block_pair_counts,
-    block_sparse_attention,
     keep_counts,
     pooled_keys,
     pooled_queries,
@@ -114,6 +114,7 @@ def topk_block_mask(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, fraction
 
 class BlockTopK(Variant):
     name = "block_topk"
+    lowering_module = "surgeon.attention.block_topk.lowering"
     Params = BlockTopKParams
     family = "sparse"
     description = ("block-sparse attention: each query block keeps its top key blocks by pooled QK "
@@ -173,3 +174,8 @@ class BlockTopK(Variant):
 
     def example_params(self, n: int, hq: int) -> BlockTopKParams:
         return BlockTopKParams(keep=0.3, block_size=16, sink_blocks=1, local_blocks=1)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"keep": 0.4, "block_size": 4, "sink_blocks": 1, "local_blocks": 1})

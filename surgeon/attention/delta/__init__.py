@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from surgeon.attention.block_consumer import BlockMaskConsumer
-from surgeon.kernels.blocksparse_cpu import (
+from surgeon.kernels.geometry import (
     NEG_INF,
     block_geometry,
     check_block_mask,
@@ -182,6 +182,7 @@ def delta_page_mask(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, keep: fl
 
 class Delta(Variant):
     name = "delta"
+    lowering_module = "surgeon.attention.delta.lowering"
     Params = DeltaParams
     family = "dense"  # a Δ-layer attends densely; its sparsity shows in the layers it plans for
     description = "DELTA Δ-layer: dense attention plus per-query-block page selection for delta_sparse layers"
@@ -213,9 +214,16 @@ class Delta(Variant):
     def example_params(self, n: int, hq: int) -> DeltaParams:
         return DeltaParams(keep=0.3, page_size=8, q_block=16, sink_pages=1, recent_pages=2, score_queries=8)
 
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"keep": 0.4, "page_size": 4, "q_block": 8, "sink_pages": 1,
+                                 "recent_pages": 1, "score_queries": 4})
+
 
 class DeltaSparse(BlockMaskConsumer):
     name = "delta_sparse"
+    lowering_module = "surgeon.attention.delta.lowering"
     Params = DeltaSparseParams
     family = "sparse"
     description = "DELTA sparse layer: attention over the last Δ-layer's pages plus sink and recent pages"
@@ -238,6 +246,11 @@ class DeltaSparse(BlockMaskConsumer):
 
     def example_params(self, n: int, hq: int) -> DeltaSparseParams:
         return DeltaSparseParams(page_size=8, q_block=16, sink_pages=1, recent_pages=2)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"page_size": 4, "q_block": 8, "sink_pages": 0, "recent_pages": 1})
 
     def make_block_mask(self, q, k, v, ctx: AttnContext, p: DeltaSparseParams) -> Optional[torch.Tensor]:
         """A stand-in Δ-layer selection (keep 0.25) on the same q/k."""

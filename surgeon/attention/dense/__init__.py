@@ -49,6 +49,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) ->
 
 class Dense(Variant):
     name = "dense"
+    lowering_module = "surgeon.attention.dense.lowering"
     Params = DenseParams
     family = "dense"
     description = "exact attention (SDPA semantics); the identity rewrite"

@@ -2,7 +2,7 @@
 
 The boundary predictor of DHSA is trained; this variant uses the [PROPOSED] training-free
 fallback of fixed chunks of ``chunk`` tokens (key chunks by position, query chunks by row, the
-block grid of :mod:`surgeon.kernels.blocksparse_cpu`).
+block grid of :mod:`surgeon.kernels.geometry`).
 
 * Length-normalised chunk representations, per head: k̂_c = Σ_{t∈c} k_t / √|c| over the
   chunk's real keys (so the partial last chunk and padded chunks are handled by |c|), and
@@ -26,7 +26,7 @@ block grid of :mod:`surgeon.kernels.blocksparse_cpu`).
   depends on tokens after the chunk. ``budget = 1`` is dense attention.
 
 Fast paths: ``blocksparse`` (the shared block gather kernel of
-:func:`surgeon.kernels.blocksparse_cpu.block_sparse_attention`, fastest on the CPU) and
+:func:`surgeon.kernels.dispatch.block_sparse_attention`, fastest on the CPU) and
 ``gather`` (whole chunks gathered per (query chunk, head) by
 :func:`surgeon.kernels.gather_cpu.gathered_attention` on the CPU flash kernel, with the chunks
 crossing the causal boundary as a causal block merged by log-sum-exp). Neither builds Nq×Nk.
@@ -37,11 +37,11 @@ from dataclasses import dataclass
 
 import torch
 
-from surgeon.kernels.blocksparse_cpu import (
+from surgeon.kernels.dispatch import block_sparse_attention
+from surgeon.kernels.geometry import (
     block_geometry,
     block_mask_density,
     block_pair_counts,
-    block_sparse_attention,
     num_blocks,
     pooled_queries,
     query_validity,
@@ -158,6 +158,7 @@ def chunk_gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, se
 
 class DHSA(Variant):
     name = "dhsa"
+    lowering_module = "surgeon.attention.dhsa.lowering"
     Params = DHSAParams
     family = "sparse"
     description = ("DHSA with fixed chunks: length-normalised chunk similarity picks whole key chunks "
@@ -215,3 +216,8 @@ class DHSA(Variant):
 
     def example_params(self, n: int, hq: int) -> DHSAParams:
         return DHSAParams(chunk=16, budget=0.3, sink_chunks=1, local_chunks=1)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"chunk": 8, "budget": 0.3, "sink_chunks": 1, "local_chunks": 1})

@@ -14,7 +14,7 @@ with α_h = ``head_alpha`` (per head) or ``alpha``; other heads and keys are unt
 * ``heads``: query-head indices (empty: all heads). ``head_alpha``: optional per-head strengths,
   one per entry of ``heads`` (or one per query head of the site when ``heads`` is empty), in
   [0, 10] — the [PROPOSED] head-specific PAINT α_h = α·v_h/mean v clipped to [0, 2α], computed
-  by :func:`surgeon.profiles.modulation.paint_head_alpha`.
+  by :func:`surgeon.profiles.selectors.paint_head_alpha`.
 * ``last_row_only``: PAINT as released edits only the last query row (each decode step, the
   last prefill position). Default False: every query row is boosted (prefill-wide use, which
   is what a rewritten prefill graph can express); set True for PAINT's exact behaviour.
@@ -122,6 +122,7 @@ def boost(z: torch.Tensor, alpha_h: torch.Tensor, w: torch.Tensor) -> torch.Tens
 
 class HeadBoost(ModulatedVariant):
     name = NAME
+    lowering_module = "surgeon.attention.head_boost.lowering"
     Params = HeadBoostParams
     description = "PAINT: z + alpha*|z| on chosen key spans in chosen heads (fused: SDPA with a span-logit bias)"
 
@@ -183,3 +184,9 @@ class HeadBoost(ModulatedVariant):
     def example_params(self, n: int, hq: int) -> VariantParams:
         return HeadBoostParams(alpha=0.7, heads=(1, hq - 2), head_alpha=(0.7, 1.4),
                                spans=((4, 12), (20, 24)), span_scale=(1.0, 0.5))
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"alpha": 1.5, "heads": [1, 4], "spans": [[0, 3], [10, 16]],
+                                 "span_scale": [1.0, 0.5]})

@@ -13,7 +13,7 @@ Equivalent output form (:meth:`IdentityBlend.fused_hooks`, and the fused path):
 ``O' = (1 − u)·O + u·V_self`` with V_self the value at the query's own position — fused SDPA
 plus an elementwise blend, no N×N matrix.
 
-HeadHunter's greedy head search lives in :func:`surgeon.profiles.modulation.headhunter_greedy`.
+HeadHunter's greedy head search lives in :func:`surgeon.profiles.selectors.headhunter_greedy`.
 Guidance itself (ε̂ = (1+w)ε − w·ε_perturbed) is a sampling-loop matter outside this op.
 """
 from __future__ import annotations
@@ -68,6 +68,7 @@ def blend_weights(p: IdentityBlendParams, hq: int, nq: int, nk: int, key_padding
 
 class IdentityBlend(ModulatedVariant):
     name = NAME
+    lowering_module = "surgeon.attention.identity_blend.lowering"
     Params = IdentityBlendParams
     description = "SoftPAG: A' = (1-u)A + uI in chosen heads (fused: (1-u)*SDPA + u*V)"
 
@@ -125,3 +126,8 @@ class IdentityBlend(ModulatedVariant):
 
     def example_params(self, n: int, hq: int) -> VariantParams:
         return IdentityBlendParams(u=0.3, heads=(0, hq // 2))
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"u": 0.4, "heads": [0, 5]})

@@ -188,6 +188,7 @@ def _finish(z: torch.Tensor, keep: torch.Tensor, zc: Optional[torch.Tensor], has
 
 class KNN(Variant):
     name = "knn"
+    lowering_module = "surgeon.attention.knn.lowering"
     Params = KNNParams
     family = "sparse"
     description = "K-NN context attention: per-query top-K keys by q·k plus a mean-token context column"
@@ -288,3 +289,8 @@ class KNN(Variant):
 
     def example_params(self, n: int, hq: int) -> KNNParams:
         return KNNParams(top_k=0, frac=0.3, context_token=True)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"top_k": 0, "frac": 0.3, "context_token": True})

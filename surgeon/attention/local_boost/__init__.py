@@ -95,6 +95,7 @@ def head_gammas(p: LocalBoostParams, hq: int) -> list[float]:
 
 class LocalBoost(ModulatedVariant):
     name = NAME
+    lowering_module = "surgeon.attention.local_boost.lowering"
     Params = LocalBoostParams
     description = ("LocoRE [PROPOSED]: boost the w most recent keys by (1+gamma) and renormalise "
                    "(fused: SDPA + ln(1+gamma) bias)")
@@ -148,3 +149,8 @@ class LocalBoost(ModulatedVariant):
 
     def example_params(self, n: int, hq: int) -> VariantParams:
         return LocalBoostParams(gamma=1.0, window=5, decay=0.8, heads=(1, 2, hq - 1))
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"gamma": 3.0, "window": 3, "decay": 0.5, "heads": [1, 2, 5], "first_key": 2})

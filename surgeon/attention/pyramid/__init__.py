@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import (
+from surgeon.kernels.geometry import (
     causal_block_bounds,
     block_pair_counts,
     num_blocks,
@@ -285,6 +285,7 @@ def pyramid_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lv: torch.
 
 class Pyramid(Variant):
     name = "pyramid"
+    lowering_module = "surgeon.attention.pyramid.lowering"
     Params = PyramidParams
     family = "sparse"
     description = ("PSA pyramid attention: key blocks attended at full resolution, through 2/4/8x "
@@ -357,3 +358,9 @@ class Pyramid(Variant):
     def example_params(self, n: int, hq: int) -> PyramidParams:
         return PyramidParams(block_size=16, intervals=((1, 0.0, 0.15), (2, 0.15, 0.3), (4, 0.3, 0.45),
                                                        (8, 0.45, 0.6)))
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"block_size": 8,
+                                 "intervals": [[1, 0.0, 0.3], [2, 0.3, 0.5], [4, 0.5, 0.7], [8, 0.7, 0.9]]})

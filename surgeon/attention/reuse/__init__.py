@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from surgeon.kernels.blocksparse_cpu import block_geometry, check_block_mask, num_blocks, sink_local_blocks
+from surgeon.kernels.geometry import block_geometry, check_block_mask, num_blocks, sink_local_blocks
 from surgeon.attention.base import AttnContext, VariantParams, check_range
 from surgeon.attention.block_consumer import BlockMaskConsumer
 from surgeon.attention.block_topk import topk_block_mask
@@ -40,6 +40,7 @@ class ReuseParams(VariantParams):
 
 class Reuse(BlockMaskConsumer):
     name = "reuse"
+    lowering_module = "surgeon.attention.reuse.lowering"
     Params = ReuseParams
     family = "sparse"
     description = "block-sparse attention over an anchor layer's block mask (HyLRA REUSE) plus sinks/local blocks"
@@ -63,6 +64,11 @@ class Reuse(BlockMaskConsumer):
 
     def example_params(self, n: int, hq: int) -> ReuseParams:
         return ReuseParams(block_size=16, sink_blocks=1, local_blocks=1)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"block_size": 4, "sink_blocks": 1, "local_blocks": 0})
 
     def make_block_mask(self, q, k, v, ctx: AttnContext, p: ReuseParams):
         """A stand-in anchor selection: block_topk with keep 0.3 on the same q/k."""

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import query_validity
+from surgeon.kernels.geometry import query_validity
 from surgeon.kernels.gather_cpu import gathered_attention, padding_bias, real_keys
 from surgeon.attention.base import (
     AttnContext,
@@ -175,6 +175,7 @@ def routing_keep(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: RoutingP
 
 class Routing(Variant):
     name = "routing"
+    lowering_module = "surgeon.attention.routing.lowering"
     Params = RoutingParams
     family = "sparse"
     description = ("BiFormer bi-level routing (training-free): each grid region attends to the tokens of "
@@ -262,3 +263,9 @@ class Routing(Variant):
     def example_params(self, n: int, hq: int) -> RoutingParams:
         x, h, w = self._layout(n)
         return RoutingParams(grid_h=h, grid_w=w, n_extra=x, n_win=4, topk=4)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        # 4 extra tokens + a 4-row grid (4x7 at 32 keys, 4x5 at 24), 16 regions, 4 kept
+        return self.params_from({"grid_h": 4, "n_extra": 4, "n_win": 4, "topk": 4})

@@ -1,7 +1,7 @@
 """``sink_redistribute``: VAR visual attention redistribution (methods.md §8).
 
 Definition (probability space, after the softmax). With S the ``sinks`` (key token indices,
-found offline by :func:`surgeon.profiles.modulation.find_sink_tokens`), T the ``target`` span
+found offline by :func:`surgeon.profiles.selectors.find_sink_tokens`), T the ``target`` span
 (VAR's image span; for text models e.g. the informative prompt span), V = S ∩ T the sinks inside
 the target and T' = T ∖ V, a row a = A[b, h, i, :] is *selected* when
 
@@ -103,6 +103,7 @@ def redistribute(a: torch.Tensor, sink: torch.Tensor, target: torch.Tensor, head
 
 class SinkRedistribute(ModulatedVariant):
     name = NAME
+    lowering_module = "surgeon.attention.sink_redistribute.lowering"
     Params = SinkRedistributeParams
     description = ("VAR: move (1-p) of the sink attention onto the target span in selected rows "
                    "(fused: SDPA with key-group indicator values)")
@@ -196,3 +197,9 @@ class SinkRedistribute(ModulatedVariant):
 
     def example_params(self, n: int, hq: int) -> VariantParams:
         return SinkRedistributeParams(p=0.6, rho=0.5, summ=0.2, sinks=(0, 12), target=(8, 40), heads=(0, 2, hq - 1))
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"p": 0.2, "rho": 0.9, "summ": 0.05, "sinks": [0, 3], "target": [2, 20],
+                                 "after_target_only": False})

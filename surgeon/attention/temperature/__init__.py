@@ -75,6 +75,7 @@ def position_factor(sigma: float, nq: int, nk: int, key_padding: Optional[torch.
 
 class Temperature(ModulatedVariant):
     name = NAME
+    lowering_module = "surgeon.attention.temperature.lowering"
     Params = TemperatureParams
     description = "SSA position temperature: logits of query i scaled by 1 + sigma*ln(i) (fused: scaled Q + SDPA)"
 
@@ -109,3 +110,8 @@ class Temperature(ModulatedVariant):
 
     def example_params(self, n: int, hq: int) -> VariantParams:
         return TemperatureParams(sigma=0.05)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"sigma": 0.4})

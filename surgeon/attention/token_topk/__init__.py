@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from surgeon.kernels.blocksparse_cpu import pooled_queries, query_validity
+from surgeon.kernels.geometry import pooled_queries, query_validity
 from surgeon.kernels.gather_cpu import (
     dense_pair_count,
     gathered_attention,
@@ -168,6 +168,7 @@ def selection_keep(sel: _Selection, nq: int, nk: int, chunk: int) -> torch.Tenso
 
 class TokenTopK(Variant):
     name = "token_topk"
+    lowering_module = "surgeon.attention.token_topk.lowering"
     Params = TokenTopKParams
     family = "sparse"
     description = ("TokenSelect token-level selection: per query chunk, init + soft-voted top-k keys "
@@ -229,3 +230,8 @@ class TokenTopK(Variant):
 
     def example_params(self, n: int, hq: int) -> TokenTopKParams:
         return TokenTopKParams(n_init=4, n_local=8, top_k=max(1, math.ceil(n / 8)), chunk=16)
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"n_init": 2, "n_local": 4, "top_k": 4, "chunk": 8})

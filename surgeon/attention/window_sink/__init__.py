@@ -71,6 +71,7 @@ def window_density(nq: int, nk: int, causal: bool, p: WindowSinkParams, key_padd
 
 class WindowSink(Variant):
     name = "window_sink"
+    lowering_module = "surgeon.attention.window_sink.lowering"
     Params = WindowSinkParams
     family = "sparse"
     description = "sliding-window attention plus attention-sink tokens"
@@ -117,3 +118,8 @@ class WindowSink(Variant):
 
     def example_params(self, n: int, hq: int) -> WindowSinkParams:
         return WindowSinkParams(sink_tokens=4, window=max(1, n // 4))
+
+    def small_example_params(self, hq: int) -> VariantParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"sink_tokens": 2, "window": 6})

@@ -1,7 +1,7 @@
 """Sources that :mod:`surgeon.exporters.tensorrt` copies into TensorRT bundles.
 
 ``surgeon_runtime.py`` runs a ``surgeon::`` op for a TensorRT plugin (torch on the plugin's CUDA
-stream; the Triton block-sparse kernel for ``block_topk``/``reuse``); ``build_engine.py`` is the
+stream, whose own dispatch picks the Triton block-sparse kernel); ``build_engine.py`` is the
 standalone script that registers the plugins, parses the ONNX model, builds and saves the engine
 and checks it against onnxruntime. The plugin registrations themselves (``surgeon_qdp.py``) are
 generated per model by :func:`surgeon.exporters.tensorrt.plugin_source`. Neither file imports

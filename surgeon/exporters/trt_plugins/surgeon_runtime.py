@@ -3,47 +3,14 @@
 TensorRT plugin tensors cannot be bool, so the bundle's ONNX model feeds key padding and block
 masks as int32 and takes produced block masks back as int32; :func:`compute` converts them.
 The op itself is the installed ``surgeon`` package's ``torch.ops.surgeon.<variant>`` (its CUDA
-paths), except ``block_topk`` and ``reuse`` without explicit masks or modulators, which run the
-Triton block-sparse kernel (:func:`surgeon.kernels.triton_blocksparse.blocksparse_attention`)
-over the variant's own block selection whenever the kernel supports the inputs.
+paths): the op's own dispatch (:mod:`surgeon.kernels.dispatch`) runs the Triton block-sparse
+kernel for block_topk, reuse, dhsa and delta_sparse whenever the kernel supports the inputs, so
+this module never dispatches again.
 
 Requires torch; ``run_plugin`` also needs CUDA and is called from the generated
 ``surgeon_qdp.py`` plugin implementations.
 """
-from typing import Any, Dict, List, Optional, Sequence
-
-
-def _triton_blocksparse(variant: str, q: Any, k: Any, v: Any, key_padding: Any, attn_mask: Any, causal: bool,
-                        scale: float, config: str, block_mask: Any) -> Optional[List[Any]]:
-    """The Triton path for block_topk / reuse, or None where it does not apply."""
-    if variant not in ("block_topk", "reuse") or attn_mask is not None:
-        return None
-    from surgeon.kernels.triton_common import kernel_supports
-    from surgeon.attention.base import AttnContext, unrepeat_kv
-    from surgeon.attention.ops import parse_config
-
-    var, params, static = parse_config(config)
-    if static.get("modulators"):
-        return None
-    hq = q.shape[1]
-    kvh = int(static.get("kv_heads", k.shape[1]))
-    k, v = unrepeat_kv(k, hq, kvh), unrepeat_kv(v, hq, kvh)
-    bs = int(params.block_size)
-    if not kernel_supports(q, k, v, bs):
-        return None
-    from surgeon.kernels.triton_blocksparse import blocksparse_attention
-
-    ctx = AttnContext(causal=bool(causal), scale=float(scale), kv_heads=k.shape[1], key_padding=key_padding,
-                      layer=int(static.get("layer", -1)), site=str(static.get("site", "")))
-    if variant == "block_topk":
-        sel = var.select(q, k, ctx, params)
-        out = blocksparse_attention(q, k, v, sel, float(scale), bool(causal), key_padding=key_padding, block=bs)
-        return [out, sel]
-    if block_mask is None:
-        return None
-    bm = block_mask.reshape(var.block_mask_shape(q, k, params))
-    eff = var.effective_mask(q, k, ctx, params, bm)
-    return [blocksparse_attention(q, k, v, eff, float(scale), bool(causal), key_padding=key_padding, block=bs)]
+from typing import Any, Dict, List, Sequence
 
 
 def compute(variant: str, tensors: Dict[str, Any], config: str, causal: bool, scale: float) -> List[Any]:
@@ -65,10 +32,8 @@ def compute(variant: str, tensors: Dict[str, Any], config: str, causal: bool, sc
         am = am.to(torch.bool)
     bm = tensors.get("block_mask")
     bm = bm.to(torch.bool) if bm is not None else None
-    res = _triton_blocksparse(variant, q, k, v, kp, am, causal, scale, config, bm)
-    if res is None:
-        out = op_for(variant)(q, k, v, kp, am, bool(causal), float(scale), config, bm)
-        res = list(out) if isinstance(out, (tuple, list)) else [out]
+    out = op_for(variant)(q, k, v, kp, am, bool(causal), float(scale), config, bm)
+    res = list(out) if isinstance(out, (tuple, list)) else [out]
     if len(res) == 2:
         res[1] = res[1].reshape(res[1].shape[0], -1).to(torch.int32)
     return res

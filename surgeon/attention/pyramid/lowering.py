@@ -1,18 +1,12 @@
-"""ONNX lowerings of the pooled-key variants ``pyramid`` (methods.md §6) and ``routing`` (§12).
+"""ONNX lowering of ``pyramid``: the keep mask over its bank of pooled levels, masked attention.
 
-Registered with :func:`surgeon.exporters.onnx_lowering.register_lowering`; the lowering
-contract is in that module's docstring. Both are the ONNX twins of the variants' plain-torch
-references (``surgeon/attention/<name>/__init__.py``), written with standard ops only
-(Reshape + ReduceSum pooling, TopK, ScatterElements, Gather, Where) and dynamic batch and
-sequence lengths; every tensor has a static rank.
-
-Correctness first, like the other sparse lowerings: they build the variant's keep mask (over
-the token keys, or over ``pyramid``'s bank of all pooled levels) and run masked dense attention;
-a runtime plugin of the same name is where the sparse speedup belongs.
+Declared in :data:`LOWERINGS`, which :meth:`surgeon.attention.base.Variant.lowerings`
+reads through the class's ``lowering_module``; the lowering contract is in
+:mod:`surgeon.exporters.onnx_kit`.
 
 Modulators (config ``modulators``), as the torch references treat them: ``routing`` attends
 token keys through ``attention_from_keep``, so its lowering applies the composed edits of
-:func:`surgeon.exporters.onnx_lowering.modulator_edits` at the same places (logits over the
+:func:`surgeon.exporters.onnx_kit.modulator_edits` at the same places (logits over the
 token keys after scaling, probabilities, output). ``pyramid`` attends pooled keys, which
 per-token hooks cannot edit: its reference refuses a modulated context (BadInput), and so does
 its lowering, with the reference's reason, rather than export a body torch would not run.
@@ -27,47 +21,24 @@ import onnx_ir as ir
 
 from surgeon.attention.ops import parse_config
 from surgeon.errors import BadInput
-from surgeon.exporters.onnx_lowering import (
-    LoweringBuilder,
-    _ones_row,
-    _params,
-    attention,
+from surgeon.exporters.onnx_blocks import (
+    F32,
     block_grid,
+    descending_ranks,
+    pooled_rows,
+    query_weights,
+    real_key_weights,
+)
+from surgeon.exporters.onnx_kit import (
+    LoweringBuilder,
     gqa_apply,
     gqa_scores,
     masked_softmax,
-    modulator_edits,
-    pooled_rows,
+    ones_row,
+    params_of,
     positions,
-    query_weights,
-    register_lowering,
 )
 
-_F32 = ir.DataType.FLOAT
-
-
-def _ranks(op: LoweringBuilder, s: ir.Value) -> ir.Value:
-    """Rank of each entry along the last axis in descending order, ties toward the lower index
-    (``torch.sort(descending=True, stable=True)`` then scatter; ONNX TopK's documented
-    tie-break): int64, same shape as ``s``."""
-    order = op.TopK(s, op.Shape(s, start=-1), axis=-1, largest=1, sorted=1, _outputs=2)[1]
-    ar = op.Expand(op.Range(op.int_scalar(0), _last_dim(op, s), op.int_scalar(1)), op.Shape(order))
-    return op.ScatterElements(ar, order, ar, axis=-1)
-
-
-def _last_dim(op: LoweringBuilder, x: ir.Value) -> ir.Value:
-    """``Shape(x)[-1]`` as a 0-D int64."""
-    return op.Squeeze(op.Shape(x, start=-1), op.ints([0]))
-
-
-def _real_keys(op: LoweringBuilder, k: ir.Value, key_padding: Optional[ir.Value]) -> ir.Value:
-    """Float32 weights [B|1, Nk]: 1 for real keys, 0 for padding (``real_keys``)."""
-    if key_padding is None:
-        return _ones_row(op, k, op.Constant(value_float=0.0))
-    return op.Cast(op.Cast(key_padding, to=ir.DataType.BOOL), to=_F32)
-
-
-# --------------------------------------------------------------------------- pyramid
 
 def pyramid_levels(op: LoweringBuilder, q: ir.Value, k: ir.Value, key_padding: Optional[ir.Value], causal: bool,
                    scale: float, bs: int, intervals) -> ir.Value:
@@ -80,14 +51,14 @@ def pyramid_levels(op: LoweringBuilder, q: ir.Value, k: ir.Value, key_padding: O
         partial = op.And(g.allowed, op.GreaterOrEqual(op.Unsqueeze(g.k_end, op.ints([0])),
                                                        op.Unsqueeze(g.q_first, op.ints([1]))))
     qbar, _ = pooled_rows(op, q, query_weights(op, q, k, key_padding, causal), g.nqb, bs, causal)
-    kw = _ones_row(op, k, k) if key_padding is None else op.CastLike(key_padding, k)
+    kw = ones_row(op, k, k) if key_padding is None else op.CastLike(key_padding, k)
     kbar, kcnt = pooled_rows(op, k, kw, g.nkb, bs, False)  # [B,Hkv,nkb,D], [B|1,1,nkb,1]
     has_real = op.Transpose(op.Greater(kcnt, op.scalar(0.0, kcnt)), perm=[0, 1, 3, 2])  # [B|1,1,1,nkb]
     s = op.Mul(gqa_scores(op, qbar, kbar), op.scalar(scale, q))  # [B,Hq,nqb,nkb]
     s = op.Where(op.And(g.allowed, has_real), s, op.scalar(-math.inf, s))
     if partial is not None:
         s = op.Where(partial, op.scalar(math.inf, s), s)
-    ranks = _ranks(op, s)
+    ranks = descending_ranks(op, s)
     n = op.Cast(op.ReduceSum(op.Cast(g.allowed, to=ir.DataType.INT64), op.ints([-1]), keepdims=0),
                 to=ir.DataType.DOUBLE)  # [nqb]
     eps = op.Constant(value=ir.tensor(np.array(1e-9)))
@@ -120,12 +91,12 @@ def pyramid_bank(op: LoweringBuilder, k: ir.Value, v: ir.Value, key_padding: Opt
     """
     npad = op.Unsqueeze(op.Mul(nkb, op.int_scalar(bs)), op.ints([0]))  # [1]
     tail = op.Sub(npad, op.dims(k, 2, 3))
-    w = op.Pad(_real_keys(op, k, key_padding), op.Concat(op.ints([0, 0, 0]), tail, axis=0))  # [B|1,npad]
+    w = op.Pad(real_key_weights(op, k, key_padding), op.Concat(op.ints([0, 0, 0]), tail, axis=0))  # [B|1,npad]
     real4 = op.Unsqueeze(op.Greater(w, op.Constant(value_float=0.0)), op.ints([1, 3]))  # [B|1,1,npad,1]
     pad4 = op.Concat(op.ints([0, 0, 0, 0, 0, 0]), tail, op.ints([0]), axis=0)
     zero32 = op.Constant(value_float=0.0)
-    ks = op.Where(real4, op.Pad(op.Cast(k, to=_F32), pad4), zero32)
-    vs = op.Where(real4, op.Pad(op.Cast(v, to=_F32), pad4), zero32)
+    ks = op.Where(real4, op.Pad(op.Cast(k, to=F32), pad4), zero32)
+    vs = op.Where(real4, op.Pad(op.Cast(v, to=F32), pad4), zero32)
     kk, vv, bias, lvl, blk, pos = [], [], [], [], [], []
     zero, one = op.int_scalar(0), op.int_scalar(1)
     for f in levels:
@@ -159,7 +130,7 @@ def pooled_bool_mask(op: LoweringBuilder, attn_mask: ir.Value, q: ir.Value, k: i
     nq = op.dims(q, 2, 3)
     ones = op.ConstantOfShape(op.Concat(op.ints([1, 1]), nq, op.dims(k, 2, 3), axis=0),
                               value=ir.tensor(np.array([1.0], dtype=np.float32)))
-    am = op.Mul(op.Cast(op.Cast(attn_mask, to=ir.DataType.BOOL), to=_F32), ones)  # [B|1,H|1,Nq,Nk]
+    am = op.Mul(op.Cast(op.Cast(attn_mask, to=ir.DataType.BOOL), to=F32), ones)  # [B|1,H|1,Nq,Nk]
     npad = op.Unsqueeze(op.Mul(nkb, op.int_scalar(bs)), op.ints([0]))
     am = op.Pad(am, op.Concat(op.ints([0, 0, 0, 0, 0, 0, 0]), op.Sub(npad, op.dims(k, 2, 3)), axis=0),
                 op.Constant(value_float=1.0))
@@ -171,7 +142,6 @@ def pooled_bool_mask(op: LoweringBuilder, attn_mask: ir.Value, q: ir.Value, k: i
     return op.Greater(op.Concat(*parts, axis=-1), op.Constant(value_float=0.5))
 
 
-@register_lowering("pyramid")
 def lower_pyramid(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
                   attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
                   block_mask: Optional[ir.Value]) -> ir.Value:
@@ -191,7 +161,7 @@ def lower_pyramid(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, ke
     if attn_mask is not None and not op.facts.attn_mask_bool:
         raise BadInput("pyramid cannot pool a float attn_mask",
                        "use a bool attn_mask at this site, or another variant")
-    p = _params(config)
+    p = params_of(config)
     bs = int(p.block_size)
     levels = p.levels_used()
     lv = pyramid_levels(op, q, k, key_padding, causal, scale, bs, p.intervals)  # [B,Hq,nqb,nkb]
@@ -211,102 +181,4 @@ def lower_pyramid(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, ke
     return gqa_apply(op, masked_softmax(op, z, keep), bank["v"])
 
 
-# --------------------------------------------------------------------------- routing
-
-def routing_regions(op: LoweringBuilder, k: ir.Value, p) -> tuple[ir.Value, int]:
-    """``routing.grid_of``: region of each key position, int64 [Nk] (−1 for the ``n_extra``
-    leading tokens), and the region count R = n_win². The grid comes from the parameters:
-    grid_h × grid_w, one of them inferred from Nk − n_extra, or a square when both are 0
-    (the reference's BadInput for a length that fits no grid cannot be raised at run time)."""
-    nw, x = int(p.n_win), int(p.n_extra)
-    gh, gw = int(p.grid_h), int(p.grid_w)
-    if gh and gw and nw > min(gh, gw):
-        raise BadInput(f"routing: n_win={nw} is out of range for a {gh}x{gw} grid", f"use n_win in [1, {min(gh, gw)}]")
-    nk = op.dim(k, 2)
-    n = op.Sub(nk, op.int_scalar(x))
-    if gh == 0 and gw == 0:
-        side = op.Cast(op.Floor(op.Sqrt(op.Cast(n, to=ir.DataType.DOUBLE))), to=ir.DataType.INT64)
-        h = w = side
-    elif gh == 0:
-        h, w = op.Div(n, op.int_scalar(gw)), op.int_scalar(gw)
-    elif gw == 0:
-        h, w = op.int_scalar(gh), op.Div(n, op.int_scalar(gh))
-    else:
-        h, w = op.int_scalar(gh), op.int_scalar(gw)
-    nws = op.int_scalar(nw)
-    t = op.Sub(op.Range(op.int_scalar(0), nk, op.int_scalar(1)), op.int_scalar(x))
-    grid = op.GreaterOrEqual(t, op.int_scalar(0))
-    t = op.Max(t, op.int_scalar(0))
-    ry = op.Mul(op.Div(op.Mul(op.Div(t, w), nws), h), nws)
-    rx = op.Div(op.Mul(op.Mod(t, w), nws), w)
-    return op.Where(grid, op.Add(ry, rx), op.int_scalar(-1)), nw * nw
-
-
-def _top_regions(op: LoweringBuilder, s: ir.Value, topk: int) -> ir.Value:
-    """``routing._top_regions``: bool, the top-``topk`` entries of the last axis (ties toward the
-    lower index) that are above −inf."""
-    return op.And(op.Less(_ranks(op, s), op.int_scalar(topk)), op.Greater(s, op.scalar(-math.inf, s)))
-
-
-@register_lowering("routing")
-def lower_routing(op: LoweringBuilder, q: ir.Value, k: ir.Value, v: ir.Value, key_padding: Optional[ir.Value],
-                  attn_mask: Optional[ir.Value], causal: bool, scale: float, config: str,
-                  block_mask: Optional[ir.Value]) -> ir.Value:
-    """BiFormer routing: non-causal, each region keeps its top-k regions by the head-summed
-    pooled affinity Σ_h (Q^r_h·scale)·K^r_{g(h)}; causal, each query token keeps its top-k
-    regions by Σ_h q_{h,i}·K^r_{g(h)}(i)·scale (K^r(i): the region's real keys up to i).
-    Tokens attend to the tokens of their kept regions; the extra leading tokens attend to and
-    are attended by everything. The site's modulators edit the token logits, probabilities and
-    output of that attention (the routing itself never sees them), as the reference's
-    ``attention_from_keep``. → [B,Hq,Nq,Dv]."""
-    p = _params(config)
-    if not causal and not op.facts.self_attention:
-        raise BadInput("routing: a non-causal site needs as many queries as keys",
-                       "route self-attention sites only (q and k on one sequence axis)")
-    reg, r = routing_regions(op, k, p)
-    greg = op.Max(reg, op.int_scalar(0))
-    onehot = op.CastLike(op.Equal(op.Unsqueeze(reg, op.ints([1])),
-                                  op.Unsqueeze(op.Range(op.int_scalar(0), op.int_scalar(r), op.int_scalar(1)),
-                                               op.ints([0]))), q)  # [Nk, R]
-    kw = op.CastLike(_real_keys(op, k, key_padding), q)  # [B|1, Nk]
-    hq, hkv = op.facts.q_heads, op.facts.kv_heads
-    one = op.scalar(1.0, q)
-    if causal:
-        q5 = op.Reshape(q, op.Concat(op.dims(q, 0, 1), op.ints([hkv, hq // hkv]), op.dims(q, 2), axis=0),
-                        allowzero=1)
-        qs = op.ReduceSum(q5, op.ints([2]), keepdims=0)  # [B,Hkv,Nq,D]: Σ over each KV head's queries
-        zs = op.ReduceSum(op.MatMul(qs, op.Transpose(k, perm=[0, 1, 3, 2])), op.ints([1]), keepdims=0)  # [B,Nq,Nk]
-        qpos, kpos = positions(op, q, k)
-        vis = op.CastLike(op.LessOrEqual(op.Unsqueeze(kpos, op.ints([0])), op.Unsqueeze(qpos, op.ints([1]))), q)
-        mf = op.Mul(op.Unsqueeze(vis, op.ints([0])), op.Unsqueeze(kw, op.ints([1])))  # [B|1,Nq,Nk]
-        num = op.MatMul(op.Mul(zs, mf), onehot)  # [B,Nq,R]
-        cnt = op.MatMul(mf, onehot)  # [B|1,Nq,R]
-        s = op.Mul(op.Div(num, op.Max(cnt, one)), op.scalar(scale, q))
-        s = op.Where(op.Equal(cnt, op.scalar(0.0, q)), op.scalar(-math.inf, q), s)
-        sel = _top_regions(op, s, int(p.topk))  # [B,Nq,R]
-        keep = op.Gather(sel, greg, axis=2)  # [B,Nq,Nk]
-        qreg = op.Gather(reg, qpos, axis=0)
-    else:
-        qw = kw  # real queries: self-attention, so query_validity is key_padding
-        onehot_t = op.Unsqueeze(op.Transpose(onehot, perm=[1, 0]), op.ints([0]))  # [1,R,N]
-
-        def region_means(x: ir.Value, wts: ir.Value) -> tuple[ir.Value, ir.Value]:
-            m = op.Mul(onehot_t, op.Unsqueeze(wts, op.ints([1])))  # [B|1,R,N]
-            c = op.ReduceSum(m, op.ints([-1]), keepdims=0)  # [B|1,R]
-            mean = op.Div(op.MatMul(op.Unsqueeze(m, op.ints([1])), x), op.Unsqueeze(op.Max(c, one), op.ints([1, 3])))
-            return mean, c  # [B,H,R,D]
-
-        qr, _ = region_means(q, qw)
-        kr, kcnt = region_means(k, kw)
-        a = op.ReduceSum(gqa_scores(op, op.Mul(qr, op.scalar(scale, q)), kr), op.ints([1]), keepdims=0)  # [B,R,R]
-        a = op.Where(op.Unsqueeze(op.Equal(kcnt, op.scalar(0.0, q)), op.ints([1])), op.scalar(-math.inf, q), a)
-        sel = _top_regions(op, a, int(p.topk))  # [B,R,R]
-        qpos, _ = positions(op, q, k)
-        qreg = op.Gather(reg, qpos, axis=0)
-        keep = op.Gather(op.Gather(sel, op.Max(qreg, op.int_scalar(0)), axis=1), greg, axis=2)  # [B,Nq,Nk]
-    extra_key = op.Unsqueeze(op.Less(reg, op.int_scalar(0)), op.ints([0]))  # [1,Nk]
-    extra_query = op.Unsqueeze(op.Less(qreg, op.int_scalar(0)), op.ints([1]))  # [Nq,1]
-    keep = op.Or(op.Or(keep, extra_key), extra_query)
-    mods = modulator_edits(op, q, k, v, key_padding, causal, scale, config)
-    return attention(op, q, k, v, key_padding, attn_mask, causal, scale, op.Unsqueeze(keep, op.ints([1])),
-                     **mods.kwargs())
+LOWERINGS = {"pyramid": {"mask": lower_pyramid}}
