@@ -5,7 +5,7 @@ The public API (``surgeon.load``, ``surgeon.capture``, ``surgeon.inspect``, ``su
 ``surgeon.evaluate``, ``surgeon.tune``, ``surgeon.export``, ``surgeon.build``, ``surgeon.bench``,
 ``surgeon.apply``, ``surgeon.generate``) is imported lazily so ``import surgeon`` does no work.
 :data:`_API` is the one list of these names (name → the module that defines it; ``build`` sits
-above the API in ``surgeon.build_stages``); ``dir(surgeon)`` shows exactly them.
+above the API, in the build-stages module); ``dir(surgeon)`` shows exactly them.
 
 Two submodules share a name with an API function (``surgeon/capture.py``,
 ``surgeon/evaluate.py``); importing a submodule normally binds it on its package, which would
