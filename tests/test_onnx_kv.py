@@ -186,15 +186,54 @@ def tiny(tmp_path_factory):
 
 
 def test_tiny_sparse_sites_export_and_verify(tiny):
-    """Block-sparse sites (an anchor and a block-mask consumer) export with the cache; prefill
-    equals the rewritten program and onnxruntime equals PyTorch at prefill and decode."""
+    """Block-sparse sites (an anchor and a block-mask consumer) export with the cache. Default
+    decode "dense": a prefill graph running the variants and a decode graph of dense attention
+    over the cache, sharing one weight file; prefill equals the rewritten program and
+    onnxruntime equals PyTorch at prefill and decode. The greedy tokens equal those of
+    transformers' generate with the same policy installed by surgeon.apply."""
+    import onnx
+
     from surgeon.exporters.kv_export import export_kv
+    from surgeon.generation.hf import apply, remove
+    from surgeon.generation.onnx_loop import generate_onnx
 
     lm, dirs, root = tiny
-    man = export_kv(dirs["sparse"], root / "sparse-onnx", model=lm, lengths=(9, 21), decode_steps=4)
+    out = root / "sparse-onnx"
+    man = export_kv(dirs["sparse"], out, model=lm, lengths=(9, 21), decode_steps=4)
     assert man.verified and man.verification["source_check"]["ok"]
     assert man.surgeon_ops == {"block_topk": 1, "reuse": 1}
     assert {r["step"] for r in man.verification["results"]} == {0, 1, 2, 3, 4}
+    assert man.kv_cache["graphs"] == {"prefill": "model.onnx", "decode": "decode.onnx"}
+    assert sorted(p.name for p in out.iterdir() if "onnx" in p.name) == ["decode.onnx", "model.onnx", "model.onnx.data"]
+    dec = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    assert {n.op_type for n in dec.graph.node if n.domain == "surgeon"} == {"dense"}
+    locations = {e.value for t in dec.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(5))
+    hf = lm.module.hf
+    apply(hf, dirs["sparse"])
+    try:
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24,
+                              eos_token_id=None, pad_token_id=0)
+    finally:
+        remove(hf)
+    res = generate_onnx(out, ids[0].tolist(), 24, stop_at_eos=False)
+    assert res.token_ids == ref[0, 40:].tolist()
+
+
+def test_tiny_sparse_variant_decode_is_one_graph(tiny):
+    """decode="variant": one graph; the sites' variants also run at decode, over the cache."""
+    from surgeon.exporters.kv_export import export_kv
+
+    lm, dirs, root = tiny
+    man = export_kv(dirs["sparse"], root / "variant-onnx", model=lm, lengths=(9, 21), decode="variant")
+    assert man.verified and man.kv_cache["graphs"] == {"prefill": "model.onnx", "decode": "model.onnx"}
+    assert man.kv_cache["decode_attention"] == "variant"
+    assert not (root / "variant-onnx" / "decode.onnx").exists()
+    with pytest.raises(BadInput, match="unknown decode attention"):
+        export_kv(dirs["sparse"], root / "x-onnx", model=lm, decode="quest")
 
 
 def test_tiny_last_token_logits(tiny):

@@ -65,6 +65,8 @@ KV_LAYOUT = "past_key_values.{i}.key/value [batch_size, kv_heads, past_sequence_
 DIM_NAMES = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
 DEFAULT_PREFILL_LENGTHS = (7, 19)
 DEFAULT_DECODE_STEPS = 3
+DECODE_FILE = "decode.onnx"
+DECODE_MODES = ("dense", "variant")
 _EXAMPLE = {"batch": 2, "seq": 3, "past": 5}  # sizes >= 2: torch.export specialises 0 and 1
 
 
@@ -181,9 +183,10 @@ class KVDecoder(nn.Module):
         return [torch.zeros(batch, self.kv_heads, 0, self.head_dim, dtype=dtype) for _ in range(2 * self.num_layers)]
 
 
-def layer_attention(rewritten: Any) -> list[LayerAttention]:
+def layer_attention(rewritten: Any, dense: bool = False) -> list[LayerAttention]:
     """The per-layer attention calls of a loaded rewrite (:class:`surgeon.passes.rewrite.Rewritten`):
-    the same op config strings the rewrite put into its program."""
+    the same op config strings the rewrite put into its program; with ``dense`` every site's
+    plain dense attention instead (the decode graph of ``decode="dense"``)."""
     from surgeon.attention.registry import get_variant
     from surgeon.capture import Site
     from surgeon.passes.policy import SiteChoice
@@ -201,6 +204,8 @@ def layer_attention(rewritten: Any) -> list[LayerAttention]:
             raise UnsupportedModel(f"site {site.name} is layer {site.layer} but the {i}-th attention call",
                                    "use the full-sequence export (without --kv-cache)")
         choice = rewritten.policy.sites.get(site.name, SiteChoice(variant="dense", reason="default"))
+        if dense:
+            choice = SiteChoice(variant="dense", reason="decode")
         var = get_variant(choice.variant)
         anchor = index[choice.block_mask_from] if var.consumes_block_mask else None
         out.append(LayerAttention(site=site.name, variant=choice.variant, config=site_config(site, choice),
@@ -291,9 +296,12 @@ def _run_ort(sess: Any, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past
 
 def verify_kv(path: Union[str, os.PathLike], decoder: KVDecoder, *, vocab: int,
               lengths: Sequence[int] = DEFAULT_PREFILL_LENGTHS, decode_steps: int = DEFAULT_DECODE_STEPS,
-              batch: int = 2, rtol: float = 1e-3, atol: float = 1e-4, progress: Any = None) -> list[dict[str, Any]]:
+              batch: int = 2, rtol: float = 1e-3, atol: float = 1e-4, progress: Any = None,
+              decode_path: Optional[Union[str, os.PathLike]] = None,
+              decode_decoder: Optional[KVDecoder] = None) -> list[dict[str, Any]]:
     """onnxruntime against the PyTorch decoder: per prompt length a prefill (past 0) and
-    ``decode_steps`` decode steps fed each step's present. One row per (step, output) with the
+    ``decode_steps`` decode steps fed each step's present (with ``decode_path`` /
+    ``decode_decoder``, the decode steps run that graph / module). One row per (step, output) with the
     fields of :func:`surgeon.exporters.pipeline.compare_output` plus ``length`` (prompt),
     ``step`` (0 = prefill), ``past`` and ``output``; rows of the present tensors are summarised
     as ``present.*.key`` / ``present.*.value`` (the worst layer)."""
@@ -302,6 +310,8 @@ def verify_kv(path: Union[str, os.PathLike], decoder: KVDecoder, *, vocab: int,
     from surgeon.exporters.pipeline import compare_output
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dsess = sess if decode_path is None else ort.InferenceSession(str(decode_path), providers=["CPUExecutionProvider"])
+    ddec = decoder if decode_decoder is None else decode_decoder
     L = decoder.num_layers
     rows: list[dict[str, Any]] = []
     for case, n in enumerate(lengths):
@@ -313,8 +323,8 @@ def verify_kv(path: Union[str, os.PathLike], decoder: KVDecoder, *, vocab: int,
         g = torch.Generator().manual_seed(2000 + case)
         for step in range(decode_steps + 1):
             with torch.no_grad():
-                logits_t, present_t = decoder(ids, mask, pos, past_t)
-            got = _run_ort(sess, ids.numpy(), mask.numpy(), pos.numpy(), past_o, L)
+                logits_t, present_t = (decoder if step == 0 else ddec)(ids, mask, pos, past_t)
+            got = _run_ort(sess if step == 0 else dsess, ids.numpy(), mask.numpy(), pos.numpy(), past_o, L)
             cur = mask[:, -ids.shape[1]:].numpy() != 0  # real query rows of this step
             want_l = logits_t.numpy()
             valid = cur if want_l.shape[1] == cur.shape[1] else cur[:, -1:]
@@ -383,6 +393,85 @@ def source_check(decoder: KVDecoder, rewritten: Any, vocab: int, length: int = 2
 
 # --------------------------------------------------------------------------- the stage
 
+def _export_graph(decoder: KVDecoder, path: Path, vocab: int, opset: int) -> Any:
+    """torch.onnx (dynamo) export of ``decoder`` to ``path`` with named I/O and dynamic axes."""
+    from surgeon.exporters import blocksparse_lowering as BL
+    from surgeon.exporters import onnx_lowering as L
+
+    ex = _EXAMPLE
+    ids, _, pos = _prefill_inputs(ex["batch"], ex["seq"], vocab, seed=0)
+    mask = torch.ones(ex["batch"], ex["past"] + ex["seq"], dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    past = [torch.randn(ex["batch"], decoder.kv_heads, ex["past"], decoder.head_dim, generator=g)
+            for _ in range(2 * decoder.num_layers)]
+    D = torch.export.Dim.DYNAMIC
+    dyn = {"input_ids": {0: D, 1: D}, "attention_mask": {0: D, 1: D}, "position_ids": {0: D, 1: D},
+           "past": [{0: D, 2: D} for _ in past]}
+    with torch.no_grad(), BL.use_lowerings("gather"):
+        res = L.export_program(decoder, (ids, mask, pos, past), dyn, path, opset=opset, external_data=True)
+    _name_io(path, decoder.num_layers)
+    return res
+
+
+def _external_chunks(path: Path) -> tuple[Any, list[tuple[Any, str, int, int]]]:
+    """The model proto (no data loaded) and its external initializers as (tensor, file, offset, length)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    out = []
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        kv = {e.key: e.value for e in t.external_data}
+        out.append((t, kv["location"], int(kv.get("offset", 0)), int(kv.get("length", -1))))
+    return model, out
+
+
+def _read(folder: Path, name: str, offset: int, length: int) -> bytes:
+    with open(folder / name, "rb") as f:
+        f.seek(offset)
+        return f.read(length) if length >= 0 else f.read()
+
+
+def share_weights(path: Path, with_path: Path) -> int:
+    """Point the external initializers of ``path`` at equal tensors in ``with_path``'s data file
+    (same folder), inline the few that have no twin, and delete ``path``'s own data file.
+    Returns the bytes no longer stored twice."""
+    import hashlib
+
+    import onnx
+
+    folder = path.parent
+    _, base = _external_chunks(with_path)
+    index: dict[tuple[int, tuple[int, ...], str], tuple[str, int, int]] = {}
+    for t, loc, off, ln in base:
+        digest = hashlib.sha256(_read(folder, loc, off, ln)).hexdigest()
+        index[(t.data_type, tuple(t.dims), digest)] = (loc, off, ln)
+    model, mine = _external_chunks(path)
+    own = {loc for _, loc, _, _ in mine}
+    saved = 0
+    for t, loc, off, ln in mine:
+        data = _read(folder, loc, off, ln)
+        twin = index.get((t.data_type, tuple(t.dims), hashlib.sha256(data).hexdigest()))
+        del t.external_data[:]
+        if twin is None:
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
+            continue
+        saved += len(data)
+        for key, val in (("location", twin[0]), ("offset", str(twin[1])), ("length", str(twin[2]))):
+            e = t.external_data.add()
+            e.key, e.value = key, val
+        t.data_location = onnx.TensorProto.EXTERNAL
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    for loc in own - {twin_loc for twin_loc, _, _ in index.values()}:
+        (folder / loc).unlink(missing_ok=True)
+    onnx.checker.check_model(str(path), full_check=True)
+    return saved
+
+
 def _eos_ids(hf: nn.Module) -> list[int]:
     ids: list[int] = []
     for cfg in (getattr(hf, "generation_config", None), hf.config):
@@ -407,6 +496,7 @@ def export_kv(
     lengths: Sequence[int] = DEFAULT_PREFILL_LENGTHS,
     decode_steps: int = DEFAULT_DECODE_STEPS,
     last_token_logits: bool = False,
+    decode: str = "dense",
     rtol: float = 1e-3,
     atol: float = 1e-4,
     progress: Any = None,
@@ -424,7 +514,6 @@ def export_kv(
     """
     from surgeon.artifacts import file_sha256
     from surgeon.errors import ArtifactMismatch
-    from surgeon.exporters import blocksparse_lowering as BL
     from surgeon.exporters import onnx_lowering as L
     from surgeon.exporters import pipeline as P
     from surgeon.models import load as load_model
@@ -436,6 +525,8 @@ def export_kv(
     P._check_args("onnx", opset, lengths, "fp16")
     if len(set(lengths)) < 2:
         raise BadInput(f"verification needs two or more distinct prompt lengths, got {list(lengths)}", "e.g. (7, 19)")
+    if decode not in DECODE_MODES:
+        raise BadInput(f"unknown decode attention '{decode}'", f"use one of: {', '.join(DECODE_MODES)}")
     if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
         raise BadInput(f"decode_steps {decode_steps} must be a positive integer", "e.g. 3")
     src = Path(rewritten)
@@ -466,6 +557,9 @@ def export_kv(
     hf = lm.module.hf
     attn = layer_attention(rw)
     decoder = KVDecoder(hf, attn, last_token_logits=last_token_logits).eval()
+    dense_attn = layer_attention(rw, dense=True)
+    pair = decode == "dense" and any(a.config != d.config for a, d in zip(attn, dense_attn))
+    dense_decoder = KVDecoder(hf, dense_attn, last_token_logits=last_token_logits).eval() if pair else None
     vocab = int(lm.config.get("vocab_size") or hf.config.vocab_size)
     seconds["load"] = time.perf_counter() - t0
 
@@ -484,19 +578,12 @@ def export_kv(
     try:
         say(f"exporting to ONNX with a KV cache (opset {opset})")
         t0 = time.perf_counter()
-        ex = _EXAMPLE
-        ids, mask, pos = _prefill_inputs(ex["batch"], ex["seq"], vocab, seed=0)
-        mask = torch.ones(ex["batch"], ex["past"] + ex["seq"], dtype=torch.long)
-        g = torch.Generator().manual_seed(0)
-        past = [torch.randn(ex["batch"], decoder.kv_heads, ex["past"], decoder.head_dim, generator=g)
-                for _ in range(2 * decoder.num_layers)]
-        D = torch.export.Dim.DYNAMIC
-        dyn = {"input_ids": {0: D, 1: D}, "attention_mask": {0: D, 1: D}, "position_ids": {0: D, 1: D},
-               "past": [{0: D, 2: D} for _ in past]}
-        with torch.no_grad(), BL.use_lowerings("gather"):
-            res = L.export_program(decoder, (ids, mask, pos, past), dyn, tmp / P.MODEL_FILE, opset=opset,
-                                   external_data=True)
-        _name_io(tmp / P.MODEL_FILE, decoder.num_layers)
+        res = _export_graph(decoder, tmp / P.MODEL_FILE, vocab, opset)
+        if pair:
+            say("exporting the decode graph (dense attention over the cache)")
+            _export_graph(dense_decoder, tmp / DECODE_FILE, vocab, opset)
+            saved = share_weights(tmp / DECODE_FILE, tmp / P.MODEL_FILE)
+            log.info("decode graph shares %.1f MB of weights with the prefill graph", saved / 1e6)
         in_spec, out_spec = graph_io(tmp / P.MODEL_FILE)
         seconds["export"] = time.perf_counter() - t0
 
@@ -506,7 +593,8 @@ def export_kv(
         if verify:
             t0 = time.perf_counter()
             rows = verify_kv(tmp / P.MODEL_FILE, decoder, vocab=vocab, lengths=lengths, decode_steps=decode_steps,
-                             rtol=rtol, atol=atol, progress=say)
+                             rtol=rtol, atol=atol, progress=say, decode_path=tmp / DECODE_FILE if pair else None,
+                             decode_decoder=dense_decoder if pair else None)
             providers = ["CPUExecutionProvider"]
             verified = all(r["ok"] for r in rows)
             seconds["verify"] = time.perf_counter() - t0
@@ -531,13 +619,13 @@ def export_kv(
         kv = {
             "layout": KV_LAYOUT, "num_layers": decoder.num_layers, "kv_heads": decoder.kv_heads,
             "q_heads": decoder.q_heads, "head_dim": decoder.head_dim, "dtype": "float32",
-            "graphs": "one graph for prefill (past_sequence_length 0) and decode",
+            "graphs": {"prefill": P.MODEL_FILE, "decode": DECODE_FILE if pair else P.MODEL_FILE},
+            "decode_attention": "dense" if pair or decode == "dense" else "variant",
             "inputs": input_names(decoder.num_layers), "outputs": output_names(decoder.num_layers),
             "last_token_logits": bool(last_token_logits), "attention_mask": "past + new tokens, 1 = real, 0 = padding",
             "position_ids": "absolute positions of the new tokens", "max_positions": int(lm.max_positions),
             "eos_token_ids": _eos_ids(hf), "tokenizer": "tokenizer" if (tmp / "tokenizer").is_dir() else None,
-            "decode_attention": {a.site: a.variant for a in attn},
-            "decode": "each site's variant runs over the cache with the new queries placed at its last positions",
+            "prefill_variants": {a.site: a.variant for a in attn},
         }
         man = P.ExportManifest(
             model_fingerprint=rw.manifest.model_fingerprint, model=rw.manifest.model,

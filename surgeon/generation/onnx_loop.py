@@ -4,7 +4,9 @@
     res = generate_onnx("smol-rw-onnx", prompt_ids=[1, 504, 3458], max_new_tokens=64)
     res.token_ids, res.ttft_s, res.decode_tokens_per_s
 
-One prefill run (``past_sequence_length`` 0, the whole prompt), then one run per new token fed
+One prefill run (``past_sequence_length`` 0, the whole prompt; the manifest's prefill graph),
+then one run of its decode graph (the same graph, or ``decode.onnx`` where sparse sites decode
+dense over the cache) per new token fed
 the previous run's ``present.{i}.key/value`` as ``past_key_values.{i}.key/value`` (the layout in
 the folder's ``manifest.json`` → ``kv_cache``). Greedy at temperature 0 (``argmax``, first
 maximum on ties, as ``torch.argmax``); otherwise seeded sampling from ``softmax(logits / T)``
@@ -55,7 +57,8 @@ class KVModel:
     """A loaded KV-cache export: the onnxruntime session and the manifest's cache description."""
 
     path: Path
-    session: Any
+    session: Any  # the prefill graph
+    decode_session: Any  # the decode graph (the same session when the export has one graph)
     num_layers: int
     kv_heads: int
     head_dim: int
@@ -95,11 +98,19 @@ def _load(path: str, mtime_ns: int, threads: Optional[int], providers: tuple[str
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
-    sess = ort.InferenceSession(str(Path(path) / man.onnx), sess_options=opts, providers=list(providers))
-    names = [i.name for i in sess.get_inputs()]
-    if names != list(kv["inputs"]):
-        raise BadInput(f"{path}: the ONNX inputs {names[:4]}… differ from the manifest's", "re-export the model")
-    return KVModel(path=Path(path), session=sess, num_layers=int(kv["num_layers"]), kv_heads=int(kv["kv_heads"]),
+    graphs = kv.get("graphs") if isinstance(kv.get("graphs"), dict) else {}
+    prefill_file, decode_file = graphs.get("prefill", man.onnx), graphs.get("decode", man.onnx)
+    sessions = {}
+    for f in dict.fromkeys([prefill_file, decode_file]):
+        if not (Path(path) / f).is_file():
+            raise BadInput(f"{Path(path) / f} is missing", "re-export the model")
+        sess = ort.InferenceSession(str(Path(path) / f), sess_options=opts, providers=list(providers))
+        names = [i.name for i in sess.get_inputs()]
+        if names != list(kv["inputs"]):
+            raise BadInput(f"{path}: the inputs of {f} ({', '.join(names[:4])}, …) differ from the manifest's",
+                           "re-export the model")
+        sessions[f] = sess
+    return KVModel(path=Path(path), session=sessions[prefill_file], decode_session=sessions[decode_file], num_layers=int(kv["num_layers"]), kv_heads=int(kv["kv_heads"]),
                    head_dim=int(kv["head_dim"]), vocab_size=int(man.vocab_size or 0),
                    max_positions=int(kv["max_positions"]), eos_token_ids=tuple(int(e) for e in kv["eos_token_ids"]),
                    last_token_logits=bool(kv["last_token_logits"]), manifest=man)
@@ -179,7 +190,7 @@ def generate_onnx(export_dir: Union[str, os.PathLike], prompt_ids: Any, max_new_
     t_first = t0
     total = n
     for step in range(int(max_new_tokens)):
-        res = sess.run(None, feed)
+        res = (sess if step == 0 else m.decode_session).run(None, feed)
         tok = _pick(res[0][0, -1], float(temperature), rng)
         out.append(tok)
         if step == 0:
