@@ -281,3 +281,5 @@ def test_cli_export_kv_flags(tiny):
     assert r.exit_code == 2 and "--last-token-logits needs --kv-cache" in r.output
     r = CliRunner().invoke(app, ["export", str(dirs["dense"]), "--kv-cache", "--format", "tensorrt"])
     assert r.exit_code == 2 and "--kv-cache exports ONNX only" in r.output
+    r = CliRunner().invoke(app, ["export", str(dirs["dense"]), "--decode", "variant"])
+    assert r.exit_code == 2 and "--decode needs --kv-cache" in r.output

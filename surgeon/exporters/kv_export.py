@@ -8,7 +8,7 @@ export (:func:`surgeon.exporters.pipeline.export_rewritten`, no cache) stays the
 ``surgeon export``; the cache export is asked for explicitly because its graph is a different
 program (it rebuilds the decoder from the model's weights, see below).
 
-The graph (ONE graph serves prefill and decode; prefill is ``past_sequence_length`` = 0):
+The graph (prefill is ``past_sequence_length`` = 0):
 
     inputs   input_ids                 int64 [batch_size, sequence_length]
              attention_mask            int64 [batch_size, total_sequence_length]  (past + new; 0 = padding)
@@ -19,7 +19,8 @@ The graph (ONE graph serves prefill and decode; prefill is ``past_sequence_lengt
              present.{i}.key           float [batch_size, kv_heads, total_sequence_length, head_dim]
              present.{i}.value         float [batch_size, kv_heads, total_sequence_length, head_dim]
 
-(the names and the layout of onnxruntime-genai / Optimum decoder exports). With
+(the names and the layout of onnxruntime-genai / Optimum decoder exports; ONE graph serves
+prefill and decode when every site decodes as it prefills, else a prefill/decode pair, below). With
 ``last_token_logits`` the logits are those of the last position only (``[batch_size, 1, vocab]``):
 generation needs no more, and the LM head is then computed once per sequence instead of per token.
 
@@ -29,13 +30,22 @@ embedding, rotary embedding at ``position_ids``, per layer RMSNorm → q/k/v pro
 LM head — using the model's own submodules (Llama, Mistral, Qwen2/3-style decoders). Each layer's
 attention is the op the rewrite put at that site (same config string, so the same ONNX function
 of domain ``surgeon``), called with the new queries and the whole cache; surgeon ops place the
-queries at the last Nq of the Nk key positions, so the call is causal with the cache offset.
-At prefill it is exactly the rewritten program's call; at decode (one query) the site's variant
-runs over the cache: dense sites are dense attention over the cache; sparse variants apply
-their own selection to the one query row (the same rows the full-sequence program would compute
-for that token), so decode logits equal the full-sequence rewrite's logits at that position.
-Before export, the decoder's prefill logits are checked against the rewritten program's
-(``source_check`` in the manifest; an error raises :class:`CheckFailed`).
+queries at the last Nq of the Nk key positions, so the call is causal with the cache offset. At
+prefill (past 0) it is exactly the rewritten program's call. Before export, the decoder's prefill
+logits are checked against the rewritten program's (``source_check`` in the manifest; an error
+raises :class:`CheckFailed`).
+
+Decode attention (``decode``):
+
+* ``"dense"`` (default; the decode mode ``surgeon.apply`` / ``surgeon generate`` use): decode
+  steps attend densely over the whole cache. When every site is dense (the identity rewrite) the
+  one graph does both; otherwise the folder holds two graphs with the same inputs and outputs,
+  ``model.onnx`` (prefill: the sites' variants) and ``decode.onnx`` (dense sites), whose weights
+  both live in ``model.onnx.data`` (:func:`share_weights`). ``manifest.json`` → ``kv_cache.graphs``
+  names which file serves which phase;
+* ``"variant"``: one graph; each site's variant also runs at decode, over the cache, with the one
+  query at the last position (block-pooled selections then treat that query as its own query
+  block, so decode logits are not those of the full-sequence program at that position).
 
 Verification (default on, onnxruntime CPU against the PyTorch decoder): a left-padded batch of
 two at two prompt lengths (prefill, past 0), then ``decode_steps`` decode steps each fed the
