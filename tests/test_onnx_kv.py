@@ -282,4 +282,29 @@ def test_cli_export_kv_flags(tiny):
     r = CliRunner().invoke(app, ["export", str(dirs["dense"]), "--kv-cache", "--format", "tensorrt"])
     assert r.exit_code == 2 and "--kv-cache exports ONNX only" in r.output
     r = CliRunner().invoke(app, ["export", str(dirs["dense"]), "--decode", "variant"])
-    assert r.exit_code == 2 and "--decode needs --kv-cache" in r.output
+    assert r.exit_code == 2 and "--decode and --attention need --kv-cache" in r.output
+
+
+def test_tiny_gqa_lowering_of_dense_sites(tiny):
+    """--attention gqa: dense sites become com.microsoft.GroupQueryAttention nodes (sparse sites
+    keep their surgeon functions); onnxruntime equals PyTorch at prefill and decode, and the
+    greedy tokens equal those of the surgeon-function export."""
+    import onnx
+
+    from surgeon.exporters.kv_export import export_kv
+    from surgeon.generation.onnx_loop import generate_onnx
+
+    lm, dirs, root = tiny
+    man = export_kv(dirs["dense"], root / "gqa-onnx", model=lm, attention="gqa")
+    assert man.verified and man.kv_cache["attention"] == "gqa" and man.kv_cache["gqa_layers"] == 2
+    m = onnx.load(str(root / "gqa-onnx" / "model.onnx"), load_external_data=False)
+    assert [n.op_type for n in m.graph.node if n.domain == "com.microsoft"] == ["GroupQueryAttention"] * 2
+    assert not [n for n in m.graph.node if n.domain == "surgeon"]
+    ids = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(9)).tolist()
+    if not (root / "dense-onnx").exists():
+        export_kv(dirs["dense"], root / "dense-onnx", model=lm, verify=False)
+    want = generate_onnx(root / "dense-onnx", ids, 16, stop_at_eos=False).token_ids
+    assert generate_onnx(root / "gqa-onnx", ids, 16, stop_at_eos=False).token_ids == want
+    # a sparse rewrite: the anchor/consumer keep their surgeon functions; its dense decode graph is GQA
+    man = export_kv(dirs["sparse"], root / "gqa-sparse-onnx", model=lm, attention="gqa", lengths=(9, 21))
+    assert man.verified and man.surgeon_ops == {"block_topk": 1, "reuse": 1} and man.kv_cache["gqa_layers"] == 2

@@ -80,6 +80,81 @@ DECODE_MODES = ("dense", "variant")
 _EXAMPLE = {"batch": 2, "seq": 3, "past": 5}  # sizes >= 2: torch.export specialises 0 and 1
 
 
+ATTENTION_MODES = ("surgeon", "gqa")
+_GQA_OP: Any = None
+
+
+def gqa_op() -> Any:
+    """``surgeon_kv::dense_cache_attention(q, k, v, past_k, past_v, key_padding, scale, num_heads,
+    kv_heads, head_dim) -> (out, present_k, present_v)``: dense causal attention of the new queries
+    over ``concat(past, new)`` (defined on first use). q [B,Hq,S,D], k/v [B,Hkv,S,D], past
+    [B,Hkv,P,D], key_padding [B,P+S] bool → out [B,Hq,S,D], present [B,Hkv,P+S,D]. It exports as
+    onnxruntime's ``com.microsoft.GroupQueryAttention`` (see :func:`gqa_translation`), which reads
+    the key padding only as per-row lengths (``seqlens_k``): rows must not be left-padded."""
+    global _GQA_OP
+    if _GQA_OP is not None:
+        return _GQA_OP
+    import torch.nn.functional as F
+
+    @torch.library.custom_op("surgeon_kv::dense_cache_attention", mutates_args=())
+    def dense_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                              past_v: torch.Tensor, key_padding: torch.Tensor, scale: float, num_heads: int,
+                              kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kk, vv = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        nq, nk = q.shape[2], kk.shape[2]
+        causal = torch.arange(nk)[None, :] <= torch.arange(nk - nq, nk)[:, None]
+        allow = causal[None, None] & key_padding.to(torch.bool)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allow, scale=scale,
+                                             enable_gqa=q.shape[1] != kk.shape[1])
+        out = torch.where(allow.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype))
+        return out.contiguous(), kk.contiguous(), vv.contiguous()
+
+    @dense_cache_attention.register_fake
+    def _(q, k, v, past_k, past_v, key_padding, scale, num_heads, kv_heads, head_dim):
+        b, h, p, d = past_k.shape
+        t = p + k.shape[2]
+        return q.new_empty(q.shape), past_k.new_empty((b, h, t, d)), past_v.new_empty((b, h, t, d))
+
+    _GQA_OP = torch.ops.surgeon_kv.dense_cache_attention.default
+    return _GQA_OP
+
+
+def gqa_translation() -> dict[Any, Any]:
+    """``custom_translation_table`` entry: :func:`gqa_op` → ``com.microsoft.GroupQueryAttention``
+    (``seqlens_k`` = real keys per row − 1, ``total_sequence_length`` = the mask's length)."""
+    import onnx
+    from onnxscript import opset18 as op
+    from onnxscript.values import Op, Opset
+
+    S = onnx.defs.OpSchema
+    names = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length"]
+    schema = S("GroupQueryAttention", "com.microsoft", 1,
+               inputs=[S.FormalParameter(n, "M" if n in ("seqlens_k", "total_sequence_length") else "T")
+                       for n in names],
+               outputs=[S.FormalParameter(n, "T") for n in ("output", "present_key", "present_value")],
+               type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+               attributes=[S.Attribute("num_heads", S.AttrType.INT, "", required=False),
+                           S.Attribute("kv_num_heads", S.AttrType.INT, "", required=False),
+                           S.Attribute("scale", S.AttrType.FLOAT, "", required=False)])
+    gqa = Op(Opset("com.microsoft", 1), "GroupQueryAttention", schema)
+
+    def translate(q, k, v, past_k, past_v, key_padding, scale, num_heads, kv_heads, head_dim):
+        flat = op.Constant(value_ints=[0, 0, -1])
+        qf = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), flat)
+        kf = op.Reshape(op.Transpose(k, perm=[0, 2, 1, 3]), flat)
+        vf = op.Reshape(op.Transpose(v, perm=[0, 2, 1, 3]), flat)
+        kp = op.Cast(key_padding, to=onnx.TensorProto.INT64)
+        real = op.ReduceSum(kp, op.Constant(value_ints=[1]), keepdims=0)
+        seqlens = op.Cast(op.Sub(real, op.Constant(value_int=1)), to=onnx.TensorProto.INT32)
+        total = op.Cast(op.Squeeze(op.Shape(kp, start=1, end=2)), to=onnx.TensorProto.INT32)
+        o, pk, pv = gqa(qf, kf, vf, past_k, past_v, seqlens, total, num_heads=int(num_heads),
+                        kv_num_heads=int(kv_heads), scale=float(scale))
+        o4 = op.Reshape(o, op.Constant(value_ints=[0, 0, int(num_heads), int(head_dim)]))
+        return op.Transpose(o4, perm=[0, 2, 1, 3]), pk, pv
+
+    return {gqa_op(): translate}
+
+
 def input_names(num_layers: int) -> list[str]:
     names = ["input_ids", "attention_mask", "position_ids"]
     for i in range(num_layers):
@@ -117,7 +192,8 @@ class KVDecoder(nn.Module):
     ``past`` is flat: layer i's key at ``2i``, its value at ``2i+1``. ``attn[i]`` names layer i's op.
     """
 
-    def __init__(self, hf: nn.Module, attn: Sequence[LayerAttention], last_token_logits: bool = False) -> None:
+    def __init__(self, hf: nn.Module, attn: Sequence[LayerAttention], last_token_logits: bool = False,
+                 attention: str = "surgeon") -> None:
         super().__init__()
         from surgeon.attention.ops import op_for
 
@@ -145,6 +221,12 @@ class KVDecoder(nn.Module):
         self.attn = list(attn)
         self.ops = [op_for(a.variant) for a in attn]
         self.last_token_logits = bool(last_token_logits)
+        if attention not in ATTENTION_MODES:
+            raise BadInput(f"unknown attention lowering '{attention}'", f"use one of: {', '.join(ATTENTION_MODES)}")
+        # layers whose plain dense attention goes through com.microsoft.GroupQueryAttention
+        self.gqa = [attention == "gqa" and a.variant == "dense" and '"modulators"' not in a.config for a in attn]
+        if any(self.gqa):
+            gqa_op()
         self.num_layers = len(layers)
         self.q_heads = int(cfg.num_attention_heads)
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
@@ -172,6 +254,14 @@ class KVDecoder(nn.Module):
             if hasattr(sa, "q_norm"):  # Qwen3: per-head RMSNorm before rope
                 q, k = sa.q_norm(q), sa.k_norm(k)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if self.gqa[i]:
+                out, k, v = gqa_op()(q, k, v, past[2 * i], past[2 * i + 1], kp, spec.scale, self.q_heads,
+                                     self.kv_heads, self.head_dim)
+                present += [k, v]
+                out = out.transpose(1, 2).reshape(b, s, self.q_heads * self.head_dim)
+                h = resid + sa.o_proj(out)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                continue
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             present += [k, v]
@@ -285,11 +375,12 @@ def graph_io(path: Union[str, os.PathLike]) -> tuple[list[dict[str, Any]], list[
 
 # --------------------------------------------------------------------------- verification
 
-def _prefill_inputs(batch: int, length: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prefill_inputs(batch: int, length: int, vocab: int, seed: int,
+                    padding: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(min(5, vocab - 1), vocab, (batch, length), generator=g)
     mask = torch.ones(batch, length, dtype=torch.long)
-    if batch > 1:
+    if batch > 1 and padding:
         mask[1, : max(1, length // 5)] = 0  # left padding in the second row
     pos = torch.arange(length).expand(batch, length).contiguous()
     return ids, mask, pos
@@ -308,7 +399,7 @@ def verify_kv(path: Union[str, os.PathLike], decoder: KVDecoder, *, vocab: int,
               lengths: Sequence[int] = DEFAULT_PREFILL_LENGTHS, decode_steps: int = DEFAULT_DECODE_STEPS,
               batch: int = 2, rtol: float = 1e-3, atol: float = 1e-4, progress: Any = None,
               decode_path: Optional[Union[str, os.PathLike]] = None,
-              decode_decoder: Optional[KVDecoder] = None) -> list[dict[str, Any]]:
+              decode_decoder: Optional[KVDecoder] = None, padding: bool = True) -> list[dict[str, Any]]:
     """onnxruntime against the PyTorch decoder: per prompt length a prefill (past 0) and
     ``decode_steps`` decode steps fed each step's present (with ``decode_path`` /
     ``decode_decoder``, the decode steps run that graph / module). One row per (step, output) with the
@@ -327,7 +418,7 @@ def verify_kv(path: Union[str, os.PathLike], decoder: KVDecoder, *, vocab: int,
     for case, n in enumerate(lengths):
         if progress is not None:
             progress(f"verifying in onnxruntime: batch {batch}, prompt {n} tokens, {decode_steps} decode steps")
-        ids, mask, pos = _prefill_inputs(batch, n, vocab, seed=1000 + case)
+        ids, mask, pos = _prefill_inputs(batch, n, vocab, seed=1000 + case, padding=padding)
         past_t = decoder.empty_past(batch)
         past_o = [t.numpy() for t in past_t]
         g = torch.Generator().manual_seed(2000 + case)
@@ -418,9 +509,47 @@ def _export_graph(decoder: KVDecoder, path: Path, vocab: int, opset: int) -> Any
     dyn = {"input_ids": {0: D, 1: D}, "attention_mask": {0: D, 1: D}, "position_ids": {0: D, 1: D},
            "past": [{0: D, 2: D} for _ in past]}
     with torch.no_grad(), BL.use_lowerings("gather"):
-        res = L.export_program(decoder, (ids, mask, pos, past), dyn, path, opset=opset, external_data=True)
+        if not any(decoder.gqa):
+            res = L.export_program(decoder, (ids, mask, pos, past), dyn, path, opset=opset, external_data=True)
+        else:
+            res = _export_with_gqa(decoder, (ids, mask, pos, past), dyn, path, opset)
     _name_io(path, decoder.num_layers)
     return res
+
+
+def _export_with_gqa(decoder: KVDecoder, example: tuple, dyn: Any, path: Path, opset: int) -> Any:
+    """:func:`surgeon.exporters.onnx_lowering.export_program` with the GroupQueryAttention
+    translation added to the table (surgeon ops still become ``surgeon`` functions)."""
+    import warnings
+
+    import onnx
+    import onnx_ir as ir
+
+    from surgeon.exporters import onnx_lowering as L
+
+    table = dict(L.translation_table())
+    table.update(gqa_translation())
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used")
+            prog = torch.onnx.export(decoder, example, dynamic_shapes=dyn, dynamo=True, custom_translation_table=table,
+                                     opset_version=opset, optimize=True, verbose=False, report=False, verify=False)
+    except torch.onnx.errors.OnnxExporterError as e:  # pragma: no cover - depends on the model
+        msg = str(e).strip().splitlines()
+        raise BadInput(f"torch.onnx.export failed: {msg[-1] if msg else type(e).__name__}",
+                       "export without --attention gqa") from e
+    model = prog.model
+    counts = L.attach_functions(model)
+    model.opset_imports["com.microsoft"] = 1
+    data = f"{path.name}.data"
+    ir.save(model, path, external_data=data)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckFailed(f"exported ONNX model fails onnx.checker: {first}", "export without --attention gqa") from e
+    return L.ExportResult(path=str(path), external_data=data, surgeon_nodes=counts,
+                          functions=L.surgeon_functions(model), opset=int(model.opset_imports.get("", opset)))
 
 
 def _external_chunks(path: Path) -> tuple[Any, list[tuple[Any, str, int, int]]]:
@@ -507,6 +636,7 @@ def export_kv(
     decode_steps: int = DEFAULT_DECODE_STEPS,
     last_token_logits: bool = False,
     decode: str = "dense",
+    attention: str = "surgeon",
     rtol: float = 1e-3,
     atol: float = 1e-4,
     progress: Any = None,
@@ -535,6 +665,8 @@ def export_kv(
     P._check_args("onnx", opset, lengths, "fp16")
     if len(set(lengths)) < 2:
         raise BadInput(f"verification needs two or more distinct prompt lengths, got {list(lengths)}", "e.g. (7, 19)")
+    if attention not in ATTENTION_MODES:
+        raise BadInput(f"unknown attention lowering '{attention}'", f"use one of: {', '.join(ATTENTION_MODES)}")
     if decode not in DECODE_MODES:
         raise BadInput(f"unknown decode attention '{decode}'", f"use one of: {', '.join(DECODE_MODES)}")
     if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
@@ -566,16 +698,19 @@ def export_kv(
                                "re-run `surgeon rewrite` for this model")
     hf = lm.module.hf
     attn = layer_attention(rw)
-    decoder = KVDecoder(hf, attn, last_token_logits=last_token_logits).eval()
+    decoder = KVDecoder(hf, attn, last_token_logits=last_token_logits, attention=attention).eval()
     dense_attn = layer_attention(rw, dense=True)
     pair = decode == "dense" and any(a.config != d.config for a, d in zip(attn, dense_attn))
-    dense_decoder = KVDecoder(hf, dense_attn, last_token_logits=last_token_logits).eval() if pair else None
+    dense_decoder = KVDecoder(hf, dense_attn, last_token_logits=last_token_logits,
+                              attention=attention).eval() if pair else None
+    gqa = attention == "gqa"
     vocab = int(lm.config.get("vocab_size") or hf.config.vocab_size)
     seconds["load"] = time.perf_counter() - t0
 
     say("checking the cache decoder against the rewritten program")
     t0 = time.perf_counter()
-    src_row = source_check(decoder, rw, vocab, rtol=rtol, atol=atol)
+    src_row = source_check(KVDecoder(hf, attn, last_token_logits=last_token_logits).eval() if gqa else decoder,
+                           rw, vocab, rtol=rtol, atol=atol)
     if not src_row["ok"]:
         raise CheckFailed(f"the KV-cache decoder's prefill logits differ from the rewritten program's (max abs error "
                           f"{src_row['max_abs_err']:.3g} > tolerance {src_row['tol']:.3g})",
@@ -604,7 +739,7 @@ def export_kv(
             t0 = time.perf_counter()
             rows = verify_kv(tmp / P.MODEL_FILE, decoder, vocab=vocab, lengths=lengths, decode_steps=decode_steps,
                              rtol=rtol, atol=atol, progress=say, decode_path=tmp / DECODE_FILE if pair else None,
-                             decode_decoder=dense_decoder if pair else None)
+                             decode_decoder=dense_decoder if pair else None, padding=not gqa)
             providers = ["CPUExecutionProvider"]
             verified = all(r["ok"] for r in rows)
             seconds["verify"] = time.perf_counter() - t0
@@ -622,7 +757,8 @@ def export_kv(
         verification = {
             "enabled": bool(verify), "runtime": "onnxruntime", "providers": providers,
             "lengths": list(lengths) if verify else [], "batches": [2] if verify else [],
-            "decode_steps": decode_steps if verify else 0, "padding": "left (second row)",
+            "decode_steps": decode_steps if verify else 0,
+            "padding": "none (GroupQueryAttention reads per-row lengths)" if gqa else "left (second row)",
             "rtol": rtol, "atol": atol, "tolerance": "max_abs_err <= atol + rtol * max|pytorch|",
             "source_check": src_row, "results": rows,
         }
@@ -636,6 +772,9 @@ def export_kv(
             "position_ids": "absolute positions of the new tokens", "max_positions": int(lm.max_positions),
             "eos_token_ids": _eos_ids(hf), "tokenizer": "tokenizer" if (tmp / "tokenizer").is_dir() else None,
             "prefill_variants": {a.site: a.variant for a in attn},
+            "attention": attention, "gqa_layers": sum(decoder.gqa) + (sum(dense_decoder.gqa) if pair else 0),
+            "batch_padding": "right padding only: com.microsoft.GroupQueryAttention takes per-row lengths, no left "
+                             "padding" if gqa else "left or right padding (attention_mask)",
         }
         man = P.ExportManifest(
             model_fingerprint=rw.manifest.model_fingerprint, model=rw.manifest.model,
