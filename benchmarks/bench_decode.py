@@ -5,13 +5,13 @@ does not depend on their values, and no C-token prefill is needed), then ``--ste
 of one token each are timed one by one, after ``--warmup`` untimed steps:
 
 * ``pytorch``      the transformers model (SDPA) with a ``DynamicCache``;
-* ``onnxruntime``  the decode graph of ``--export`` (``surgeon export DIR --format onnx --kv-cache``),
+* ``onnxruntime[:LABEL]``  the decode graph of each ``--export`` (``surgeon export DIR --format onnx --kv-cache``),
                    fed each step's ``present.*`` as the next ``past_key_values.*``.
 
 Both use ``--threads`` threads. Reported per backend and C: median and min ms per step and
 tokens/s (1000 / median ms).
 
-    python benchmarks/bench_decode.py --export rw-onnx --contexts 1024,4096,8192 --json out.json
+    python benchmarks/bench_decode.py --export surgeon=rw-onnx --export gqa=rw-onnx-gqa --contexts 1024,4096,8192
 """
 from __future__ import annotations
 
@@ -84,10 +84,19 @@ def bench_ort(export: Path, ctx: int, steps: int, warmup: int, threads: int, see
     return _summary(times)
 
 
+def _describe(export: Path) -> dict[str, Any]:
+    kv = json.loads((export / "manifest.json").read_text()).get("kv_cache") or {}
+    pv = kv.get("prefill_variants") or {}
+    return {"graphs": kv.get("graphs"), "attention": kv.get("attention", "surgeon"),
+            "decode_attention": kv.get("decode_attention"), "last_token_logits": kv.get("last_token_logits"),
+            "prefill_variant_counts": {v: list(pv.values()).count(v) for v in sorted(set(pv.values()))}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--export", type=Path, default=None, help="a KV-cache export folder (omit: PyTorch only)")
+    ap.add_argument("--export", action="append", default=[], metavar="[LABEL=]DIR",
+                    help="a KV-cache export folder (repeatable; omit: PyTorch only)")
     ap.add_argument("--contexts", default="1024,4096,8192")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=2)
@@ -100,27 +109,26 @@ def main() -> None:
 
     lm = load(a.model)
     hf = lm.module.hf
+    exports: dict[str, Path] = {}
+    for spec in a.export:
+        label, _, path = spec.rpartition("=")
+        exports[f"onnxruntime:{label}" if label else "onnxruntime"] = Path(path)
     rows = []
     for ctx in [int(x) for x in a.contexts.split(",") if x]:
         row: dict[str, Any] = {"context": ctx, "pytorch": bench_pytorch(hf, ctx, a.steps, a.warmup, a.seed)}
-        if a.export is not None:
-            row["onnxruntime"] = bench_ort(a.export, ctx, a.steps, a.warmup, a.threads, a.seed)
+        for label, path in exports.items():
+            row[label] = bench_ort(path, ctx, a.steps, a.warmup, a.threads, a.seed)
         row["load_average_1m"] = os.getloadavg()[0]  # other processes on the machine (timings are wall clock)
         rows.append(row)
         print(json.dumps(row), flush=True)
     doc = {
         "benchmark": "decode tokens/s with a KV cache (one token per step, batch 1, float32)",
         "model": lm.name, "threads": a.threads, "steps": a.steps, "warmup": a.warmup,
-        "export": None if a.export is None else {
-            k: v for k, v in json.loads((a.export / "manifest.json").read_text()).get("kv_cache", {}).items()
-            if k in ("graphs", "decode_attention", "last_token_logits", "prefill_variants")},
+        "exports": {label: _describe(path) for label, path in exports.items()},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
         "results": rows,
     }
-    if doc["export"] and "prefill_variants" in doc["export"]:
-        pv = doc["export"].pop("prefill_variants")
-        doc["export"]["prefill_variant_counts"] = {v: list(pv.values()).count(v) for v in sorted(set(pv.values()))}
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(doc, indent=2) + "\n")

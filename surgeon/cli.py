@@ -258,7 +258,7 @@ def export(rewritten_dir: Path = typer.Argument(..., metavar="DIR", help="a fold
                                       "each site's variant also runs at decode)"),
            attention: str = typer.Option("surgeon", "--attention", help="with --kv-cache: lowering of dense sites, "
                                          "surgeon (ONNX functions of standard ops, any runtime) | gqa (onnxruntime's "
-                                         "com.microsoft.GroupQueryAttention: measured 1.07-1.17x faster decode on "
+                                         "com.microsoft.GroupQueryAttention: measured 1.07-1.12x faster decode on "
                                          "CPU; onnxruntime only, batches without left padding)"),
            force: bool = typer.Option(False, "--force", help="overwrite --out")) -> None:
     """Export a rewritten program to ONNX (surgeon ops as ONNX functions), verified in onnxruntime;

@@ -47,6 +47,13 @@ Decode attention (``decode``):
   query at the last position (block-pooled selections then treat that query as its own query
   block, so decode logits are not those of the full-sequence program at that position).
 
+Attention lowering (``attention``): ``"surgeon"`` (default) keeps every site a ``surgeon``
+function of standard ops (any ONNX runtime); ``"gqa"`` sends plain dense sites through
+:func:`gqa_op`, exported as onnxruntime's ``com.microsoft.GroupQueryAttention`` (its own cache
+concat and attention kernel: measured faster per decode step on CPU, see
+``benchmarks/bench_decode.py``). That op reads the attention mask only as per-row lengths, so a
+``gqa`` export takes batches without left padding (verification then uses unpadded rows).
+
 Verification (default on, onnxruntime CPU against the PyTorch decoder): a left-padded batch of
 two at two prompt lengths (prefill, past 0), then ``decode_steps`` decode steps each fed the
 previous step's ``present`` — logits and every present tensor compared with the tolerance of
