@@ -18,13 +18,15 @@ __version__ = "0.1.0"
 
 _API = {"load", "capture", "inspect", "variants", "profile", "plan", "rewrite", "evaluate", "export", "build", "bench",
         "load_rewritten", "apply", "generate"}
+# ``build`` sits above the API (it calls profile/rewrite/export); everything else is in surgeon.api
+_HOME = {"build": "surgeon.build_stages"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        api = importlib.import_module("surgeon.api")
-        if hasattr(api, name):
-            return getattr(api, name)
+        mod = importlib.import_module(_HOME.get(name, "surgeon.api"))
+        if hasattr(mod, name):
+            return getattr(mod, name)
     raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Optional, TypeVar
 
@@ -34,12 +33,17 @@ class Artifact(BaseModel):
         return canonical_json(self.model_dump(mode="json"))
 
     def save(self, path: Path | str, *, force: bool = False) -> Path:
-        return atomic_write_text(Path(path), self.to_json(), force=force)
+        return atomic_write_text(Path(path), self.to_json(), force=force, kind=self.KIND)
 
     @classmethod
     def load(cls: type[T], path: Path | str, *, model_fingerprint: Optional[str] = None) -> T:
         """Read and validate; with ``model_fingerprint`` also check the artifact's model."""
         path = Path(path)
+        if path.is_dir():
+            held = next((f"; it is a surgeon {k} folder" for f, k in (("rewrite.json", "rewrite"),
+                         ("manifest.json", "export"), ("summary.json", "build")) if (path / f).is_file()), "")
+            raise BadInput(f"{path} is a folder, not a {cls.KIND} file{held}",
+                           f"give the path of a {cls.KIND} JSON file (e.g. one written by surgeon)")
         if not path.is_file():
             raise BadInput(f"no such file: {path}", f"give the path of a {cls.KIND} artifact")
         try:
@@ -67,7 +71,8 @@ class Artifact(BaseModel):
         except ValidationError as e:
             first = e.errors()[0]
             loc = ".".join(str(x) for x in first.get("loc", ()))
-            raise ArtifactMismatch(f"{where} is not a valid {cls.KIND}: field '{loc}': {first.get('msg')}",
+            field = f"field '{loc}': " if loc else ""
+            raise ArtifactMismatch(f"{where} is not a valid {cls.KIND}: {field}{first.get('msg')}",
                                    f"regenerate the {cls.KIND} with surgeon") from e
 
 
@@ -88,25 +93,19 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(_round_floats(obj), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
-def atomic_write_text(path: Path, text: str, *, force: bool = False) -> Path:
-    return atomic_write_bytes(path, text.encode(), force=force)
+def atomic_write_text(path: Path, text: str, *, force: bool = False, kind: Optional[str] = None,
+                      own: bool = False) -> Path:
+    return atomic_write_bytes(path, text.encode(), force=force, kind=kind, own=own)
 
 
-def atomic_write_bytes(path: Path, data: bytes, *, force: bool = False) -> Path:
-    path = Path(path)
-    if path.exists() and not force:
-        raise BadInput(f"{path} already exists", "pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+def atomic_write_bytes(path: Path, data: bytes, *, force: bool = False, kind: Optional[str] = None,
+                       own: bool = False) -> Path:
+    """Write ``data`` atomically (temporary file beside ``path``, then one rename; see
+    :mod:`surgeon.outputs`). An existing ``path`` needs ``force`` and must be a surgeon output of
+    the same kind as ``data`` (``kind``), unless ``own`` (the caller's own folder)."""
+    from surgeon.outputs import write_file
+
+    return write_file(Path(path), data, kind, force=force, own=own)
 
 
 def file_sha256(path: Path) -> str:
@@ -117,7 +116,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_writable_output(path: Path, force: bool) -> None:
-    """Fail before any work if ``path`` exists and ``force`` is not set."""
-    if Path(path).exists() and not force:
-        raise BadInput(f"{path} already exists", "pass --force to overwrite it")
+def check_writable_output(path: Path, force: bool, kind: Optional[str] = None, inputs=()) -> None:
+    """Fail before any work if ``path`` may not be written (exists without ``force``, is not a
+    previous output of ``kind``, is the current directory or an input, is not writable)."""
+    from surgeon.outputs import check_target
+
+    check_target(Path(path), kind or "file", force=force, inputs=inputs)

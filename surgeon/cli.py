@@ -113,35 +113,50 @@ def variants(json_out: bool = typer.Option(False, "--json", help="print JSON")) 
 
 @contextlib.contextmanager
 def _stage_bars(enabled: bool = True):
-    """Rich progress bars on stderr, one per stage; yields ``progress(stage, done, total)``."""
+    """Rich progress bars on stderr, one per stage; yields ``progress(stage, done, total)``.
+
+    Nothing is drawn before the first stage reports, so an error found by the early checks is
+    the only line printed."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=False, disable=not enabled) as prog:
-        tasks: dict[str, Any] = {}
-        setup = prog.add_task("loading and capturing", total=None)
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=err, transient=False, disable=not enabled)
+    tasks: dict[str, Any] = {}
+    started = False
 
-        def progress(stage: str, done: int, total: int) -> None:
-            prog.update(setup, visible=False)
-            if stage not in tasks:
-                tasks[stage] = prog.add_task(stage, total=total)
-            prog.update(tasks[stage], completed=done, total=total)
+    def progress(stage: str, done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            prog.start()
+            started = True
+        if stage not in tasks:
+            tasks[stage] = prog.add_task(stage, total=total)
+        prog.update(tasks[stage], completed=done, total=total)
 
+    try:
         yield progress
+    finally:
+        if started:
+            prog.stop()
 
 
 class _Steps:
-    """Spinner status lines for multi-stage commands (stderr)."""
+    """Spinner status lines for multi-stage commands (stderr); drawn from the first step on, so
+    an error found before any step prints alone."""
 
     def __init__(self) -> None:
-        self.status = err.status("starting", spinner="dots")
-        self.status.start()
+        self.status = None
 
     def __call__(self, msg: str) -> None:
-        self.status.update(msg)
+        if self.status is None:
+            self.status = err.status(msg, spinner="dots")
+            self.status.start()
+        else:
+            self.status.update(msg)
 
     def stop(self) -> None:
-        self.status.stop()
+        if self.status is not None:
+            self.status.stop()
 
 
 @app.command()
@@ -153,17 +168,23 @@ def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
             seq_len: int = typer.Option(2048, "--seq-len", help="tokens per sample"),
             block_size: int = typer.Option(64, "--block-size", help="key/query block size for block statistics"),
             out_path: Path = typer.Option(Path("profile.json"), "--out", help="profile artifact"),
-            report: Path = typer.Option(Path("report.html"), "--report", help="self-contained HTML report"),
+            report: Optional[Path] = typer.Option(None, "--report", help="self-contained HTML report "
+                                                  "(default: report.html next to --out)"),
             seed: int = typer.Option(0, "--seed", help="random seed (same inputs and seed → identical profile)"),
-            budget: float = typer.Option(0.15, "--budget", help="budget of the policy shown in the report"),
+            budget: Optional[float] = typer.Option(None, "--budget", help="budget of the illustrative policy shown "
+                                                   "in the report (default 0.15, or the cheapest feasible plan)"),
             force: bool = typer.Option(False, "--force", help="overwrite existing outputs")) -> None:
     """Calibration profiling: HeSS, mass concentration, entropy, sinks, HyLRA overlap, layer sensitivity.
 
     Distributed: `torchrun --nproc-per-node N -m surgeon profile ...` splits the samples across
     ranks (gloo on CPU, nccl on GPUs); rank 0 writes the same profile one process would."""
     from surgeon import api
+    from surgeon.profiles.distributed import check_env
 
+    check_env()
     rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 draws progress and reports
+    if report is None:
+        report = out_path.parent / "report.html"
     with _stage_bars(enabled=rank == 0) as progress:
         prof, pol = api.profile(model, data=data, samples=samples, seq_len=seq_len, block_size=block_size,
                                 seed=seed, out=out_path, report=report, budget=budget, force=force, progress=progress)
@@ -173,56 +194,102 @@ def profile(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     for ch in pol.sites.values():
         counts[ch.variant] = counts.get(ch.variant, 0) + 1
     out.print(f"profile → {out_path}   report → {report}")
-    out.print(f"policy at budget {budget}: " + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+    out.print(f"policy at budget {pol.budget if pol.budget is not None else budget}: "
+              + ", ".join(f"{k}×{v}" for k, v in sorted(counts.items())))
+
+
+def _int_list(value: Optional[str], flag: str) -> list[int]:
+    from surgeon.errors import BadInput
+
+    if not value:
+        return []
+    try:
+        return [int(x) for x in value.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise BadInput(f"{flag} {value!r} is not a comma-separated list of integers",
+                       f"pass e.g. {flag} 2048,8192") from None
 
 
 @app.command()
 @guarded
 def rewrite(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
             profile: Optional[Path] = typer.Option(None, "--profile", help="profile.json from `surgeon profile`"),
+            tolerance: Optional[float] = typer.Option(None, "--tolerance",
+                                                      help="allowed relative quality loss on held-out text, in (0, 1): "
+                                                           "perplexity increase (LMs) or 1 − cosine (encoders); the "
+                                                           "default mode, 0.01 unless given"),
+            lengths: Optional[str] = typer.Option(None, "--lengths", help="serving lengths the tolerance must hold "
+                                                  "at, e.g. 2048,8192 (default: the profile's length and the "
+                                                  "model's maximum)"),
+            families: Optional[str] = typer.Option(None, "--families", help="planner families to search, comma-"
+                                                   "separated (default: surgeon,hylra,block_topk,token_topk,"
+                                                   "window_sink)"),
             budget: Optional[float] = typer.Option(None, "--budget",
-                                                   help="fraction of dense attention compute kept, in (0, 1]"),
+                                                   help="expert mode: fraction of dense attention compute kept, in "
+                                                        "(0, 1], no quality guarantee"),
             recipe: Optional[Path] = typer.Option(None, "--recipe",
                                                   help="YAML/JSON mapping site-name globs to {variant: NAME, params…}"),
             out_dir: Path = typer.Option(Path("rewritten"), "--out", help="output folder"),
             force: bool = typer.Option(False, "--force", help="overwrite --out"),
-            eval_seq_len: int = typer.Option(1024, "--eval-seq-len", help="held-out tokens per sample for fidelity"),
+            eval_seq_len: int = typer.Option(1024, "--eval-seq-len", help="budget/recipe modes: held-out tokens per "
+                                             "sample for fidelity (tolerance mode measures at --lengths)"),
             eval_samples: int = typer.Option(2, "--eval-samples", help="held-out samples for fidelity"),
             json_out: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
-    """Plan from a profile and budget (or read a recipe), rewrite MODEL, measure fidelity, write DIR."""
+    """Plan the fastest rewrite within --tolerance (default), or at --budget, or from --recipe;
+    rewrite MODEL, measure fidelity on held-out text, write DIR.
+
+    Exit 1 when the held-out loss exceeds the tolerance at any serving length (DIR is written,
+    its report.json says ok: false)."""
     from surgeon import api
 
+    lens = _int_list(lengths, "--lengths")
+    opts = {"families": tuple(f for f in families.replace(" ", "").split(",") if f)} if families else None
     steps = _Steps()
     try:
         rep = api.rewrite(model, profile=profile, budget=budget, recipe=recipe, out=out_dir, force=force,
-                          eval_seq_len=eval_seq_len, eval_samples=eval_samples, progress=steps)
+                          eval_seq_len=eval_seq_len, eval_samples=eval_samples, progress=steps,
+                          tolerance=tolerance, lengths=lens, plan_options=opts)
     finally:
         steps.stop()
+    if rep is None:  # a distributed rank other than 0: rank 0 wrote DIR
+        return
     if json_out:
         print(json.dumps(rep, indent=2))
-        return
-    t = Table(title=f"{rep['model']} rewritten → {rep['out']}  ({', '.join(f'{k}×{v}' for k, v in rep['counts'].items())})")
-    for c in ("site", "variant", "requested", "achieved", "rel. error vs dense"):
-        t.add_column(c, no_wrap=c == "site")
-    for s in rep["sites"]:
-        t.add_row(s["site"], s["variant"], f"{s['requested_density']:.3f}", f"{s['achieved_density']:.3f}",
-                  f"{s['rel_error']:.2e}")
-    out.print(t)
-    f = rep.get("fidelity")
-    if f:
-        if "ppl" in f:
-            out.print(f"held-out perplexity {f['ppl']:.3f} vs dense {f['dense_ppl']:.3f} "
-                      f"({100 * f['ppl_increase']:+.2f}%) on {f['tokens']} tokens")
-        else:
-            out.print(f"held-out embedding cosine vs dense {f['cosine']:.5f} on {f['tokens']} tokens")
+    else:
+        t = Table(title=f"{rep['model']} rewritten → {rep['out']}  ({', '.join(f'{k}×{v}' for k, v in rep['counts'].items())})")
+        for c in ("site", "variant", "requested", "achieved", "rel. error vs dense"):
+            t.add_column(c, no_wrap=c == "site")
+        for s in rep["sites"]:
+            t.add_row(s["site"], s["variant"], f"{s['requested_density']:.3f}", f"{s['achieved_density']:.3f}",
+                      f"{s['rel_error']:.2e}")
+        out.print(t)
+        if rep.get("plan"):
+            out.print(f"plan: {rep['plan']['note']}")
+        for g in rep.get("gate", []):
+            what = (f"perplexity {g['ppl']:.3f} vs dense {g['dense_ppl']:.3f} ({100 * g['loss']:+.2f}%)" if "ppl" in g
+                    else f"1 − cosine {g['loss']:.2e}")
+            out.print(f"held-out at {g['seq_len']} tokens: {what} on {g['tokens']} tokens")
+        f = rep.get("fidelity")
+        if f and not rep.get("gate"):
+            if "ppl" in f:
+                out.print(f"held-out perplexity {f['ppl']:.3f} vs dense {f['dense_ppl']:.3f} "
+                          f"({100 * f['ppl_increase']:+.2f}%) on {f['tokens']} tokens")
+            else:
+                out.print(f"held-out embedding cosine vs dense {f['cosine']:.5f} on {f['tokens']} tokens")
+    if rep.get("ok") is False:
+        _fail(f"held-out loss {100 * rep['worst_loss']:.2f}% exceeds the tolerance {100 * rep['tolerance']:.2f}% "
+              f"(report: {rep['out']}/report.json); loosen --tolerance or profile more data", 1)
 
 
 @app.command(name="eval")
 @guarded
 def eval_cmd(model_or_dir: str = typer.Argument("smollm2-135m", help="a model, or a folder from `surgeon rewrite`"),
-             data: Optional[str] = typer.Option(None, "--data", help="text file, folder, or JSONL (default: built-in corpus, held-out split)"),
-             seq_len: int = typer.Option(1024, "--seq-len", help="tokens per sample"),
-             samples: int = typer.Option(4, "--samples", help="number of samples"),
+             data: Optional[str] = typer.Option(None, "--data", help="text file, folder, or JSONL, evaluated whole "
+                                                "(default: the built-in corpus, held-out split)"),
+             seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per row (default 1024, or the "
+                                                   "model's maximum positions if fewer)"),
+             samples: int = typer.Option(4, "--samples", help="rows of the built-in corpus (with --data the whole "
+                                         "file is used)"),
              json_out: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Perplexity (language models) or embedding cosine against dense (encoders) on held-out text."""
     from surgeon import api
@@ -299,13 +366,15 @@ def export(rewritten_dir: Path = typer.Argument(..., metavar="DIR", help="a fold
 @app.command()
 @guarded
 def build(recipe: Optional[Path] = typer.Option(None, "--recipe", help="build.yaml (default: the embedded "
-                                                "smollm2-135m, built-in corpus, budget 0.15)"),
+                                                "smollm2-135m, built-in corpus, tolerance 0.01)"),
           out_dir: Path = typer.Option(Path("build"), "--out", help="build folder (stages cached by fingerprints)"),
           json_out: bool = typer.Option(False, "--json", help="print the summary as JSON")) -> None:
     """profile → rewrite → export in one command (CI model-build stage); writes OUT/summary.json.
 
-    Stages whose inputs are unchanged since the last run are skipped. Exit 1 if a fidelity limit
-    in the recipe (max_ppl_increase) or the export verification fails."""
+    Quality-first by default: the fastest rewrite whose held-out loss stays within the recipe's
+    tolerance (0.01) at its serving lengths. Stages whose inputs are unchanged since the last run
+    are skipped. Exit 1 (summary ok: false) when the held-out loss exceeds the tolerance (or
+    max_ppl_increase in budget mode) or the export verification fails."""
     from surgeon.build_stages import build as _build
 
     summary = _build(recipe, out_dir, say=lambda m: err.print(m, markup=False, highlight=False))
@@ -313,6 +382,11 @@ def build(recipe: Optional[Path] = typer.Option(None, "--recipe", help="build.ya
         print(json.dumps(summary, indent=2))
         return
     out.print(f"build ok in {summary['seconds']:.0f} s → {out_dir}/summary.json")
+    if summary.get("plan"):
+        out.print(f"  plan: {summary['plan']}")
+    for g in summary.get("gate") or []:
+        out.print(f"  held-out at {g['seq_len']} tokens: {100 * g['loss']:+.2f}% (tolerance "
+                  f"{100 * summary['tolerance']:.2f}%)")
     for st in summary["stages"]:
         out.print(f"  {st['name']:8s} {st['status']:7s} {st['seconds']:7.1f} s  {', '.join(st['outputs'])}")
 
@@ -424,8 +498,61 @@ def tune(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     out.print(f"recipe → {doc['out']}   search → {doc['sidecar']}")
 
 
+@app.command()
+@guarded
+def generate(model_or_dir: str = typer.Argument(..., metavar="MODEL_OR_DIR",
+                                                help="a causal LM (dense) or a folder from `surgeon rewrite` "
+                                                     "(its source model with its policy installed)"),
+             prompt: Optional[str] = typer.Option(None, "--prompt", help="the prompt text"),
+             prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="read the prompt from a UTF-8 file"),
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens to generate (stops earlier at "
+                                                "end of sequence)"),
+             temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; > 0: sample from "
+                                               "softmax(logits / T)"),
+             seed: int = typer.Option(0, "--seed", help="sampling seed (same seed, same tokens)"),
+             onnx: Optional[Path] = typer.Option(None, "--onnx", metavar="EXPORT_DIR",
+                                                 help="run the loop in onnxruntime on an export with a KV cache"),
+             chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the tokenizer's chat template"),
+             ignore_eos: bool = typer.Option(False, "--ignore-eos", help="always generate --max-new-tokens tokens"),
+             json_out: bool = typer.Option(False, "--json", help="print text, token ids, time to first token and "
+                                           "decode tokens/s as one JSON object")) -> None:
+    """Generate text with a KV cache: prefill runs each site's policy variant, decode each site's decode mode."""
+    from surgeon import api
+    from surgeon.errors import BadInput
+
+    if (prompt is None) == (prompt_file is None):
+        raise BadInput("give exactly one of --prompt and --prompt-file", "pass --prompt TEXT or --prompt-file F")
+    if max_new_tokens <= 0:
+        raise BadInput(f"--max-new-tokens {max_new_tokens} must be a positive integer", "give at least 1")
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"cannot read --prompt-file {prompt_file} ({type(e).__name__})",
+                           "give a readable UTF-8 text file") from e
+    with _status(f"generating with {model_or_dir}"):
+        res = api.generate(model_or_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                           onnx=onnx, chat=chat, stop_at_eos=not ignore_eos)
+    if json_out:
+        print(json.dumps(res.to_dict(), indent=2))
+        return
+    print(res.text)
+    err.print(f"{res.prompt_tokens} prompt tokens, {res.new_tokens} new ({res.stop}) on {res.backend}: "
+              f"time to first token {res.ttft_s:.3f} s, decode {res.decode_tokens_per_s:.1f} tokens/s",
+              markup=False, highlight=False)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (a CI timeout, torchrun stopping a job) unwinds like Ctrl-C: temporaries are removed,
+    locks released, the previous output left as it was; exit 2 "interrupted"."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

@@ -45,9 +45,9 @@ def lm_nll(module: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tu
     with torch.no_grad():
         for r in range(ids.shape[0]):
             logits = module(ids[r:r + 1], mask[r:r + 1])[0, :-1].float()
-            tgt = ids[r, 1:]
-            total += float(F.cross_entropy(logits, tgt, reduction="sum"))
-            count += int(tgt.numel())
+            tgt = ids[r, 1:].masked_fill(mask[r, 1:] == 0, -100)  # right padding is not scored
+            total += float(F.cross_entropy(logits, tgt, reduction="sum", ignore_index=-100))
+            count += int((tgt != -100).sum())
     return total, count
 
 

@@ -158,7 +158,7 @@ class LoadedModel:
             size = int(self.config.get("image_size", 224))
             return (torch.randn(batch, 3, size, size, generator=g, dtype=dtype),)
         if self.example_fn is not None:
-            return self.example_fn(seq_len, batch)
+            return _call_example(self.example_fn, self.name, seq_len, batch)
         raise UnsupportedModel(f"model {self.name} gives no example inputs",
                                "make its factory return (module, example_fn) or an object with example_inputs")
 
@@ -350,6 +350,26 @@ def load_timm(name: str) -> LoadedModel:
     return lm
 
 
+def _first_line(e: BaseException) -> str:
+    t = str(e).strip()
+    return t.splitlines()[0][:200] if t else "(no message)"
+
+
+def _call_example(fn: Any, spec: str, seq_len: int, batch: int) -> tuple:
+    """The user's example function, its failure or a non-tuple-of-tensors result as BadInput."""
+    try:
+        out = fn(seq_len, batch)
+    except Exception as e:
+        raise BadInput(f"the example function of {spec} raised {type(e).__name__}: {_first_line(e)}",
+                       "fix example_fn(seq_len, batch) (run it in Python to see the traceback)") from e
+    if isinstance(out, torch.Tensor):
+        out = (out,)
+    if not isinstance(out, (tuple, list)) or not out or not all(isinstance(x, torch.Tensor) for x in out):
+        raise BadInput(f"the example function of {spec} returned {type(out).__name__}, not a tuple of tensors",
+                       "make example_fn(seq_len, batch) return a tuple of tensors")
+    return tuple(out)
+
+
 def load_factory(spec: str) -> LoadedModel:
     """``package.module:factory`` → factory() returns an nn.Module (or (module, example_fn),
     where example_fn(seq_len, batch) gives a tuple of inputs)."""
@@ -362,9 +382,16 @@ def load_factory(spec: str) -> LoadedModel:
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise BadInput(f"'{fn_name}' is not a callable in {mod_name}", "give MODEL as package.module:factory")
-    built = fn()
+    try:
+        built = fn()
+    except Exception as e:  # user code: its failure is the user's input error, not a surgeon bug
+        raise BadInput(f"the factory {spec} raised {type(e).__name__}: {_first_line(e)}",
+                       "fix the factory (run it in Python to see the traceback)") from e
     example_fn = None
     if isinstance(built, tuple):
+        if len(built) != 2:
+            raise BadInput(f"{spec} returned a tuple of {len(built)} items",
+                           "return an nn.Module or (module, example_fn)")
         built, example_fn = built
     if not isinstance(built, nn.Module):
         raise UnsupportedModel(f"{spec} returned {type(built).__name__}, not a torch.nn.Module",
@@ -373,7 +400,7 @@ def load_factory(spec: str) -> LoadedModel:
     maxpos = int(getattr(built, "max_positions", 0) or 0)
     seq_axes: dict[int, int] = {}
     if callable(example_fn):
-        a, b = example_fn(16, 2), example_fn(24, 2)
+        a, b = _call_example(example_fn, spec, 16, 2), _call_example(example_fn, spec, 24, 2)
         for i, (x, y) in enumerate(zip(a, b)):
             diff = [ax for ax in range(x.dim()) if x.shape[ax] != y.shape[ax]]
             if len(diff) == 1 and diff[0] != 0:

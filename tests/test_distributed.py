@@ -86,3 +86,29 @@ def test_a_failing_rank_stops_the_job_and_writes_nothing(tmp_path):
     assert "rank 1: RuntimeError: injected failure" in text
     assert not out.exists() and not (tmp_path / "report.html").exists()
     assert not list(tmp_path.iterdir())  # no temporary or partial file either
+
+
+def test_tolerance_planning_under_torchrun_gives_the_single_process_search(tmp_path):
+    """`surgeon rewrite --tolerance` under torchrun divides the families' closed-loop checks across
+    2 ranks; rank 0 writes. Every check (family, knob, validation losses, pass) and every family's
+    best knob equal the single process's; only the timings (and so the choice among them) are
+    machine measurements."""
+    prof = tmp_path / "p.json"
+    r = subprocess.run([sys.executable, "-m", "surgeon", "profile", "minilm-l6", "--samples", "1", "--seq-len", "64",
+                        "--block-size", "16", "--out", str(prof), "--report", str(tmp_path / "r.html")],
+                       env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = ["minilm-l6", "--profile", str(prof), "--lengths", "64", "--families", "block_topk,window_sink",
+            "--eval-samples", "1"]
+    one = subprocess.run([sys.executable, "-m", "surgeon", "rewrite", *args, "--out", str(tmp_path / "one")],
+                         env=_env(), capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = _torchrun(2)[:-1] + ["rewrite", *args, "--out", str(tmp_path / "two")]
+    two = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "policy.json").read_text())["planner"]
+    b = json.loads((tmp_path / "two" / "policy.json").read_text())["planner"]
+    strip = lambda cs: [{k: c[k] for k in ("family", "knob", "losses", "passed", "sparse_sites")} for c in cs]  # noqa: E731
+    _compare(strip(a["checks"]), strip(b["checks"]))
+    assert [(c["family"], c["knob"]) for c in a["candidates"]] == [(c["family"], c["knob"]) for c in b["candidates"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "p.json", "r.html", "two"]

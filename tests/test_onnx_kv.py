@@ -127,6 +127,19 @@ def test_greedy_tokens_equal_transformers_generate(smol_kv, smollm2):
     assert len(lengths) == 3
 
 
+def test_surgeon_generate_pytorch_and_onnx_agree(smol_kv):
+    """Issue 15 item 5: `surgeon generate` (PyTorch, the identity rewrite installed by apply) and
+    `surgeon generate --onnx` give the same greedy tokens (and text)."""
+    from surgeon import api
+
+    out, _ = smol_kv
+    rw = out.parent / "rw"
+    a = api.generate(str(rw), PROMPTS[1], max_new_tokens=24)
+    b = api.generate(str(rw), PROMPTS[1], max_new_tokens=24, onnx=out)
+    assert b.backend == "onnxruntime" and len(a.token_ids) == 24
+    assert a.token_ids == b.token_ids and a.text == b.text
+
+
 def test_sampling_is_seeded(smol_kv, smollm2):
     from surgeon.generation.onnx_loop import generate_onnx
 

@@ -290,6 +290,13 @@ def _extra_params():
         "token_topk": {"n_init": 2, "n_local": 3, "top_k": 0, "keep": 0.25, "chunk": 5},
         "knn": {"top_k": 5, "context_token": False},
         "dhsa": {"chunk": 4, "budget_tokens": 10, "sink_chunks": 0, "local_chunks": 2},
+        "block_topp": {"p": 0.7, "head_p": [0.3, 0.5, 0.7, 0.9, 0.95, 1.0], "block_size": 4, "stride": 3,
+                       "sink_blocks": 0, "local_blocks": 2, "min_blocks": 3, "max_fraction": 0.8, "dense_below": 9},
+        "head_hybrid": {"kinds": ["sparse", "streaming"], "sparse": "block_topk", "keep": 0.3, "block_size": 4,
+                        "sink_tokens": 2, "window": 5, "sink_blocks": 0, "local_blocks": 1},
+        "token_topp": {"n_init": 2, "n_local": 3, "p": 0.6, "min_tokens": 2, "max_tokens": 9, "chunk": 5,
+                       "scaled": False},
+        "vertical_slash": {"n_vertical": 3, "n_slash": 4, "last_q": 3, "block_size": 8, "sink_tokens": 1, "local": 2},
     }
     return [(n, d) for n, d in sorted(cases.items()) if n in VARIANTS]
 
@@ -386,6 +393,8 @@ def test_pooled_bool_attn_mask_matches_op(name, params, causal):
 SELECT_CASES = [
     ("token_topk", {"n_init": 2, "n_local": 3, "top_k": 0, "keep": 0.25, "chunk": 5}),
     ("token_topk", {"n_init": 0, "n_local": 0, "top_k": 3, "chunk": 1}),
+    ("token_topp", {"n_init": 2, "n_local": 3, "p": 0.5, "min_tokens": 1, "chunk": 5}),
+    ("vertical_slash", {"n_vertical": 2, "n_slash": 3, "last_q": 3, "block_size": 5, "sink_tokens": 1, "local": 2}),
     ("knn", {"top_k": 3, "context_token": True}),
     ("knn", {"top_k": 0, "frac": 0.2, "context_token": False}),
     ("dhsa", {"chunk": 4, "budget_tokens": 10, "sink_chunks": 0, "local_chunks": 2}),

@@ -50,6 +50,11 @@ SPARSE = {
     # 4 extra tokens + a 4-row grid (4x7 at 32 keys, 4x5 at 24), 16 regions, 4 kept
     "routing": {"grid_h": 4, "n_extra": 4, "n_win": 4, "topk": 4},
     "pyramid": {"block_size": 8, "intervals": [[1, 0.0, 0.3], [2, 0.3, 0.5], [4, 0.5, 0.7], [8, 0.7, 0.9]]},
+    "block_topp": {"p": 0.6, "block_size": 4, "stride": 2, "sink_blocks": 1, "local_blocks": 1},
+    "head_hybrid": {"kinds": ["streaming", "sparse"], "sink_tokens": 2, "window": 6, "p": 0.6, "block_size": 4,
+                    "stride": 2},
+    "token_topp": {"n_init": 2, "n_local": 4, "p": 0.6, "chunk": 8},
+    "vertical_slash": {"n_vertical": 3, "n_slash": 3, "last_q": 4, "block_size": 8, "sink_tokens": 1, "local": 2},
 }
 PRODUCER = {"reuse": "block_topk", "delta_sparse": "delta"}
 # Variants whose torch op refuses a modulated site (BadInput): the export must refuse it as well.

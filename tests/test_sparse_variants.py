@@ -22,7 +22,7 @@ from surgeon.kernels.blocksparse_cpu import (
     sink_local_blocks,
     upsample_block_mask,
 )
-from surgeon.attention import AttnContext, recording, use_impl
+from surgeon.attention import AttnContext, get_variant, recording, use_impl
 from surgeon.attention.base import attention_from_keep, repeat_kv
 from surgeon.attention.dense import Dense
 from surgeon.attention.dhsa import DHSA, DHSAParams, chunk_reps, select_chunks
@@ -523,6 +523,7 @@ def test_routing_grid_inference_and_errors():
 # ----------------------------------------------------------------------------- shared properties
 
 SPARSE = [TokenTopK(), DHSA(), Pyramid(), KNN(), Routing()]
+SPARSE += [get_variant(n) for n in ("head_hybrid", "token_topp", "vertical_slash")]  # single-output adaptive variants
 
 
 @pytest.mark.parametrize("var", SPARSE, ids=[v.name for v in SPARSE])

@@ -61,3 +61,14 @@ def data_dependent():
 
 def not_a_module():
     return 42
+
+
+def raising_factory():
+    raise RuntimeError("the weights are not here")
+
+
+def raising_example():
+    def example(n, b):
+        raise ValueError(f"cannot make {n} tokens")
+
+    return MHABlock().eval(), example

@@ -288,6 +288,12 @@ class Variant(abc.ABC):
     def requested_density(self, p: VariantParams) -> float:
         return 1.0
 
+    def selection_overhead(self, p: VariantParams) -> float:
+        """Work spent choosing what to attend to, as a fraction of dense QKᵀ work at the same
+        length (0 for fixed patterns and cheap pooled scores). A planner costs a site as
+        achieved (or kernel) density + this overhead."""
+        return 0.0
+
     def achieved_density(self, q, k, v, ctx: AttnContext, p: VariantParams, block_mask=None) -> float:
         """Kept pairs / pairs dense attention would use (computed with ``keep_mask``)."""
         b, hq, nq, _ = q.shape

@@ -51,6 +51,10 @@ def _call(q, k, v, key_padding, attn_mask, causal, scale, config, block_mask=Non
     mods = static.get("modulators") or []
     if mods:
         ctx = compose_modulators(q, k, v, ctx, mods)
+    below = static.get("dense_below")
+    if below is not None and k.shape[2] < int(below) and var.family == "sparse":
+        # below its measured crossover the site runs dense (the variant's degenerate case)
+        return _dense_fallback(var, q, k, v, ctx, params)
     if recorder_active():
         out = _measured(var, q, k, v, ctx, params, block_mask)
     else:
@@ -59,6 +63,21 @@ def _call(q, k, v, key_padding, attn_mask, causal, scale, config, block_mask=Non
         o, bm = out
         return o.contiguous(), bm.reshape(bm.shape[0], -1).contiguous()
     return out.contiguous()
+
+
+def _dense_fallback(var: Variant, q, k, v, ctx: AttnContext, params: VariantParams):
+    """Dense attention for a sparse site below its ``dense_below`` length; a block-mask producer
+    also returns the all-kept block mask, so its consumers read a mask that drops nothing."""
+    from surgeon.attention.base import record_density
+
+    dense = get_variant("dense")  # honours composed modulators like any site
+    out = dense.run(q, k, v, ctx, dense.Params()).contiguous()
+    if recorder_active():
+        record_density(ctx.site, var.name, var.requested_density(params), 1.0)
+    if var.produces_block_mask:
+        b, h, nqb, nkb = var.block_mask_shape(q, k, params)
+        return out, torch.ones((b, h * nqb * nkb), dtype=torch.bool, device=q.device)
+    return out
 
 
 def _measured(var: Variant, q, k, v, ctx: AttnContext, params: VariantParams, block_mask):

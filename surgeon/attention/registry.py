@@ -24,6 +24,10 @@ VARIANTS: dict[str, str] = {
     "pyramid": "surgeon.attention.pyramid:Pyramid",
     "knn": "surgeon.attention.knn:KNN",
     "routing": "surgeon.attention.routing:Routing",
+    "block_topp": "surgeon.attention.block_topp:BlockTopP",
+    "head_hybrid": "surgeon.attention.head_hybrid:HeadHybrid",
+    "token_topp": "surgeon.attention.token_topp:TokenTopP",
+    "vertical_slash": "surgeon.attention.vertical_slash:VerticalSlash",
 }
 
 

@@ -22,11 +22,13 @@ What :func:`export_rewritten` does, in order (nothing is written until every ste
 4. for ``fmt="tensorrt"``: writes the TensorRT bundle (:mod:`surgeon.exporters.tensorrt`) and, where
    ``import tensorrt`` works and a CUDA GPU is present, builds and checks the engine;
 5. writes ``manifest.json`` (:class:`ExportManifest`: ops used, opset, lengths, providers,
-   errors, sha256 of every file) and renames the temporary folder to OUT.
+   errors, sha256 of every file) and switches the temporary folder (``.<OUT>.surgeon-tmp-…``
+   beside OUT) in atomically (:mod:`surgeon.outputs`).
 
 OUT defaults to a sibling of DIR, ``<DIR>-onnx`` or ``<DIR>-tensorrt`` (DIR stays exactly the
 folder ``surgeon rewrite`` wrote, whose own manifest hashes its files). An existing OUT needs
-``force``. A failed comparison raises :class:`VerificationFailed` (a :class:`CheckFailed`, exit
+``force`` and must be a previous export (its ``manifest.json``); nothing else is replaced.
+A failed comparison raises :class:`VerificationFailed` (a :class:`CheckFailed`, exit
 1) carrying the error table, and writes nothing — re-run with ``verify=False`` to keep an
 unverified export for debugging.
 """
@@ -35,8 +37,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -145,11 +145,9 @@ def _resolve_out(src: Path, out: Optional[Union[str, os.PathLike]], fmt: str, fo
     if dest == s or s in dest.parents or dest in s.parents:
         raise BadInput(f"output folder {dest} overlaps the rewritten folder {s}",
                        "choose an output folder outside the rewritten folder")
-    if dest.exists() and not force:
-        raise BadInput(f"{dest} already exists", "pass --force to overwrite it")
-    if dest.exists() and not dest.is_dir():
-        raise BadInput(f"{dest} exists and is not a folder", "choose another output path")
-    return dest
+    from surgeon.outputs import check_target
+
+    return check_target(dest, "export", force=force, inputs=[src])
 
 
 # --------------------------------------------------------------------------- inputs
@@ -448,9 +446,10 @@ def export_rewritten(
     inputs = _Inputs(rw.program, rw.manifest, lengths)
     seconds["load"] = time.perf_counter() - t0
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
+    from surgeon.outputs import Output
+
+    with Output(dest, "export", force=force, folder=True, inputs=[src]) as o:  # built beside OUT, then switched in
+        tmp = o.temp()
         say(f"exporting to ONNX (opset {opset})")
         t0 = time.perf_counter()
         example = inputs.make(*inputs.cases[0], seed=0)
@@ -515,14 +514,9 @@ def export_rewritten(
             functions=[{"domain": d, "name": n, "overload": o} for d, n, o in res.functions],
             lowering=lowering, verified=verified, verification=verification, tensorrt=trt_info,
             engine=engine, reason=reason, files=_hash_files(tmp))
-        man.save(tmp / MANIFEST_FILE, force=True)
+        (tmp / MANIFEST_FILE).write_text(man.to_json())
         _default_permissions(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        o.commit()
     seconds["total"] = time.perf_counter() - t_start
     man._seconds.update(seconds)
     say(f"wrote {dest}")

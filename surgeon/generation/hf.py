@@ -24,7 +24,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -128,6 +128,7 @@ def run_site(plan: SitePlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kp = key_padding_from_mask(mask, site.causal, nk)
     if nq == 1:
         return plan.decode.run(plan, q, k, v, kp)
+    plan.state.decode_state.pop(site.name, None)  # a new prefill: decode selections start afresh
     from surgeon.attention.ops import op_for
 
     if kp is None and "padding" in site.mask_kind:
@@ -288,6 +289,9 @@ def apply(model: Any, policy_or_rewrite_dir: Any, *, verify: bool = True) -> nn.
                         consumes_block_mask=var.consumes_block_mask,
                         decode=decode_mode_for(choice, site), state=state)
         state.plans[site.name] = plan
+    from surgeon.generation.decode import validate_decode_plans
+
+    validate_decode_plans(state.plans)
     for name, plan in state.plans.items():
         _submodule(hf, name)._surgeon_plan = plan
     hf._surgeon_state = state
@@ -314,3 +318,17 @@ def installed_policy(model: Any):
     """The policy :func:`apply` installed into ``model`` (None if none)."""
     state = getattr(_hf_of(model), "_surgeon_state", None)
     return state.policy if state is not None else None
+
+
+def decode_stats(model: Any) -> dict[str, dict[str, Any]]:
+    """Per site with a stateful decode mode: fresh selections, reused selections and the kept
+    fraction of visible cache tokens over the decode steps since the last prefill."""
+    state = getattr(_hf_of(model), "_surgeon_state", None)
+    if state is None:
+        return {}
+    out = {}
+    for name, st in state.decode_state.items():
+        vis = st.get("visible", 0)
+        out[name] = {"selected": st.get("selected", 0), "reused": st.get("reused", 0),
+                     "kept_fraction": (st.get("kept", 0) / vis) if vis else None}
+    return out

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch.export import ExportedProgram
 
-from surgeon.artifacts import Artifact, atomic_write_bytes, canonical_json
+from surgeon.artifacts import Artifact, canonical_json
 from surgeon.capture import SDPA, Captured, Site, _sdpa_args, export_module, sdpa_nodes
 from surgeon.errors import ArtifactMismatch, BadInput
 from surgeon.passes.policy import Policy, SiteChoice
@@ -58,6 +58,14 @@ def site_config(site: Site, choice: SiteChoice) -> str:
     static: dict[str, Any] = {"kv_heads": site.kv_heads, "site": site.name, "layer": site.layer}
     if mods:
         static["modulators"] = mods
+    if choice.dense_below is not None:
+        if var.family != "sparse":
+            raise BadInput(f"site {site.name}: dense_below applies to sparse variants, not '{choice.variant}'",
+                           "remove dense_below from this site")
+        if isinstance(choice.dense_below, bool) or int(choice.dense_below) < 1:
+            raise BadInput(f"site {site.name}: dense_below={choice.dense_below!r} is invalid",
+                           "give a positive number of tokens")
+        static["dense_below"] = int(choice.dense_below)
     return encode_config(choice.variant, params, static)
 
 
@@ -169,39 +177,44 @@ class RewriteManifest(Artifact):
 
 
 def save_rewritten(out_dir: Path, cap: Captured, res: RewriteResult, *, force: bool = False,
-                   extra: Optional[dict[str, bytes]] = None) -> Path:
-    """Write DIR/program.pt2, policy.json, rewrite.json (+ tokenizer/) atomically as a folder."""
-    import shutil
-    import tempfile
-
+                   extra: Optional[dict[str, bytes]] = None, inputs: tuple = ()) -> Path:
+    """Write DIR/program.pt2, policy.json, rewrite.json (+ tokenizer/) atomically as a folder
+    (built beside DIR and switched in, see :mod:`surgeon.outputs`; an existing DIR needs ``force``
+    and must be a previous rewrite folder)."""
     from surgeon.artifacts import file_sha256
+    from surgeon.outputs import Output
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise BadInput(f"{out_dir} already exists", "pass --force to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with Output(out_dir, "rewrite", force=force, folder=True, inputs=inputs) as o:
+        tmp = o.temp()
         torch.export.save(res.program, str(tmp / "program.pt2"))
-        res.policy.save(tmp / "policy.json", force=True)
+        (tmp / "policy.json").write_text(res.policy.to_json())
         if cap.model.tokenizer is not None:
             cap.model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         for name, data in (extra or {}).items():
-            atomic_write_bytes(tmp / name, data, force=True)
+            (tmp / name).write_bytes(data)
         files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         man = RewriteManifest(model_fingerprint=cap.model.fingerprint(), model=cap.model.name,
                               model_kind=cap.model.kind, inputs=cap.model.inputs,
                               dynamic={k: {str(ax): list(v) for ax, v in d.items()} for k, d in cap.dynamic.items()},
                               sites=[s.to_dict() for s in cap.sites], counts=res.counts,
                               max_positions=cap.model.max_positions, files=files)
-        man.save(tmp / "rewrite.json", force=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        (tmp / "rewrite.json").write_text(man.to_json())
+        return o.commit()
+
+
+def verify_files(root: Path, files: dict[str, str], manifest: str) -> None:
+    """Every file ``manifest`` lists is present with the recorded sha256 (BadInput naming the first
+    that is not)."""
+    from surgeon.artifacts import file_sha256
+
+    for name, digest in sorted(files.items()):
+        f = root / name
+        if not f.is_file():
+            raise BadInput(f"{f} is missing (listed in {root / manifest})",
+                           "the folder is incomplete; regenerate it with surgeon")
+        if file_sha256(f) != digest:
+            raise BadInput(f"{f} does not match the sha256 recorded in {root / manifest} (changed, truncated or "
+                           "replaced after surgeon wrote it)", "regenerate the folder with surgeon")
 
 
 @dataclass
@@ -225,6 +238,7 @@ def load_rewritten(path: Path | str) -> Rewritten:
         raise BadInput(f"{path} is not a surgeon rewrite (no rewrite.json/program.pt2)",
                        "give a folder written by `surgeon rewrite`")
     man = RewriteManifest.load(path / "rewrite.json")
+    verify_files(path, man.files, "rewrite.json")
     policy = Policy.load(path / "policy.json", model_fingerprint=man.model_fingerprint)
     register_all()
     try:

@@ -191,6 +191,36 @@ def _fingerprint(split: str, t: torch.Tensor) -> str:
 
 # --------------------------------------------------------------------------- public API
 
+def calibration_tokens(path: Optional[Union[str, Path]], lm: LoadedModel, split: str, *,
+                       texts: Optional[Sequence[str]] = None) -> tuple[list[int], str, int]:
+    """The token stream of ``split`` of a text source (documents tokenised and concatenated,
+    EOS between them): ``(ids, source, documents)``. ``load_calibration`` cuts it into rows; the
+    tolerance planner reads its validation rows from it too."""
+    _check_split(split)
+    if texts is not None:
+        if isinstance(texts, str):
+            texts = [texts]
+        docs = [str(t) for t in texts if str(t).strip()]
+        source = "texts"
+    elif path is None:
+        docs = builtin_documents()
+        source = BUILTIN_SOURCE
+    else:
+        docs = text_documents(path)
+        source = str(path)
+    if not docs:
+        raise BadInput(f"the calibration data ({source}) holds no text", "give a non-empty text source")
+    part = split_documents(docs, split)
+    with _quiet_tokenizer():
+        ids: list[int] = []
+        eos = getattr(lm.tokenizer, "eos_token_id", None)
+        for d in part:
+            ids.extend(lm.tokenizer(d, add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                ids.append(int(eos))
+    return ids, source, len(part)
+
+
 def load_calibration(
     path: Optional[Union[str, Path]],
     lm: LoadedModel,
@@ -229,27 +259,7 @@ def load_calibration(
     if lm.max_positions and seq_len > lm.max_positions:
         raise BadInput(f"seq_len={seq_len} is beyond {lm.name}'s {lm.max_positions} positions",
                        f"use --seq-len {lm.max_positions} or less")
-    if texts is not None:
-        if isinstance(texts, str):
-            texts = [texts]
-        docs = [str(t) for t in texts if str(t).strip()]
-        source = "texts"
-    elif path is None:
-        docs = builtin_documents()
-        source = BUILTIN_SOURCE
-    else:
-        docs = text_documents(path)
-        source = str(path)
-    if not docs:
-        raise BadInput(f"the calibration data ({source}) holds no text", "give a non-empty text source")
-    part = split_documents(docs, split)
-    with _quiet_tokenizer():
-        ids: list[int] = []
-        eos = getattr(lm.tokenizer, "eos_token_id", None)
-        for d in part:
-            ids.extend(lm.tokenizer(d, add_special_tokens=False)["input_ids"])
-            if eos is not None:
-                ids.append(int(eos))
+    ids, source, ndocs = calibration_tokens(path, lm, split, texts=texts)
     need = samples * seq_len
     if len(ids) < need:
         raise BadInput(f"the {split} split of {source} has {len(ids)} tokens but {samples} samples × {seq_len} "
@@ -261,7 +271,44 @@ def load_calibration(
     mask = torch.ones_like(input_ids)
     return CalibrationData(inputs=(input_ids, mask), source=source, split=split,
                            fingerprint=_fingerprint(split, input_ids), seq_len=seq_len, tokens_available=len(ids),
-                           documents=len(part), rows_available=n_rows, row_indices=pick)
+                           documents=ndocs, rows_available=n_rows, row_indices=pick)
+
+
+def load_eval_rows(path: Union[str, Path], lm: LoadedModel, seq_len: int) -> CalibrationData:
+    """Every token of the text at ``path`` (all documents, EOS between them) as rows of ``seq_len``
+    tokens; the last row is right-padded (attention_mask 0 on the padding), so nothing of the file is
+    left out. For `surgeon eval --data FILE` (the held-out split is for the built-in corpus)."""
+    if not lm.is_text or lm.tokenizer is None:
+        raise BadInput(f"{lm.name} ({lm.kind}) has no tokenizer to read {path}", "evaluate a text model")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < MIN_SEQ_LEN:
+        raise BadInput(f"seq_len={seq_len!r} is too short", f"use at least {MIN_SEQ_LEN} tokens")
+    if lm.max_positions and seq_len > lm.max_positions:
+        raise BadInput(f"seq_len={seq_len} is beyond {lm.name}'s {lm.max_positions} positions",
+                       f"use --seq-len {lm.max_positions} or less")
+    docs = text_documents(path)
+    if not docs:
+        raise BadInput(f"{path} holds no text", "give a non-empty text source")
+    with _quiet_tokenizer():
+        ids: list[int] = []
+        eos = getattr(lm.tokenizer, "eos_token_id", None)
+        for d in docs:
+            ids.extend(lm.tokenizer(d, add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                ids.append(int(eos))
+        if eos is not None and len(ids) > 1:
+            ids.pop()  # no EOS after the last document
+    if len(ids) < 2:
+        raise BadInput(f"{path} has {len(ids)} token(s)", "give at least two tokens of text")
+    n_rows = -(-len(ids) // seq_len)
+    pad = int(getattr(lm.tokenizer, "pad_token_id", None) or eos or 0)
+    flat = torch.full((n_rows * seq_len,), pad, dtype=torch.long)
+    flat[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+    mask = torch.zeros(n_rows * seq_len, dtype=torch.long)
+    mask[: len(ids)] = 1
+    input_ids, mask = flat.view(n_rows, seq_len), mask.view(n_rows, seq_len)
+    return CalibrationData(inputs=(input_ids, mask), source=str(path), split="all",
+                           fingerprint=_fingerprint("all", input_ids), seq_len=seq_len, tokens_available=len(ids),
+                           documents=len(docs), rows_available=n_rows, row_indices=list(range(n_rows)))
 
 
 def _image_processor(lm: LoadedModel) -> Any:

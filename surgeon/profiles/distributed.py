@@ -124,12 +124,33 @@ def _one_line(err: BaseException) -> str:
 _WORLD: Optional[World] = None
 
 
+def check_env() -> None:
+    """Refuse malformed torchrun variables (BadInput, exit 2) before any work: RANK, LOCAL_RANK and
+    WORLD_SIZE must be integers with 0 <= RANK < WORLD_SIZE."""
+    from surgeon.errors import BadInput
+
+    vals: dict[str, int] = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        v = os.environ.get(name)
+        if v is None or v.strip() == "":
+            continue
+        try:
+            vals[name] = int(v)
+        except ValueError:
+            raise BadInput(f"environment variable {name}={v!r} is not an integer",
+                           "unset it, or launch with torchrun, which sets it") from None
+        if vals[name] < (1 if name == "WORLD_SIZE" else 0):
+            raise BadInput(f"environment variable {name}={v} is out of range",
+                           "unset it, or launch with torchrun, which sets it")
+    if "RANK" in vals and vals["RANK"] >= vals.get("WORLD_SIZE", 1) and vals.get("WORLD_SIZE", 1) > 1:
+        raise BadInput(f"RANK={vals['RANK']} is not below WORLD_SIZE={vals['WORLD_SIZE']}",
+                       "unset them, or launch with torchrun, which sets them")
+
+
 def requested() -> bool:
     """True when launched by torchrun (or equivalent) with more than one process."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
+    check_env()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
 def init_from_env() -> Optional[World]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from surgeon.artifacts import Artifact
 from surgeon.errors import ArtifactMismatch
@@ -96,6 +96,37 @@ class Profile(Artifact):
     hash_ratios: list[float]
     layer_sensitivity: list[Optional[float]]
     sinks: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "Profile":
+        """Array lengths agree with the sites and heads (a hand-edited or truncated profile is an
+        error naming the field, not a crash in the planner)."""
+        L = len(self.sites)
+        if L == 0:
+            raise ValueError("the profile has no sites")
+        kg = self.settings.get("keep_grid")
+        for i, st in enumerate(self.sites):
+            for name in ("mass_fraction_90", "mass_fraction_95", "entropy", "entropy_normalized", "local_mass",
+                         "primary_sink_mass", "hess", "hess_proxy", "coverage"):
+                v = getattr(st, name)
+                if len(v) != st.heads:
+                    raise ValueError(f"sites[{i}].{name} has {len(v)} values for {st.heads} heads")
+            if len(st.mass_fraction_90_kv) != st.kv_heads:
+                raise ValueError(f"sites[{i}].mass_fraction_90_kv has {len(st.mass_fraction_90_kv)} values for "
+                                 f"{st.kv_heads} KV heads")
+            if isinstance(kg, list):
+                for row in st.coverage:
+                    if len(row) != len(kg):
+                        raise ValueError(f"sites[{i}].coverage rows have {len(row)} values for a keep grid of {len(kg)}")
+        for name in ("hash_ratios", "layer_sensitivity"):
+            if len(getattr(self, name)) != L:
+                raise ValueError(f"{name} has {len(getattr(self, name))} values for {L} sites")
+        if len(self.overlap) != L or any(len(r) != L for r in self.overlap):
+            raise ValueError(f"overlap is not {L} x {L}")
+        for g, m in enumerate(self.overlap_per_kv_head):
+            if len(m) != L or any(len(r) != L for r in m):
+                raise ValueError(f"overlap_per_kv_head[{g}] is not {L} x {L}")
+        return self
 
     # -- helpers ------------------------------------------------------------------
     @property

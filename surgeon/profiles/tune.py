@@ -719,15 +719,18 @@ def sidecar_path(out: Path) -> Path:
 
 
 def write_outputs(result: TuneResult, out: Path, force: bool = False) -> tuple[Path, Path]:
-    """Write the recipe YAML and its sidecar JSON atomically; returns both paths."""
-    from surgeon.artifacts import atomic_write_text, canonical_json, check_writable_output
+    """Write the recipe YAML and its sidecar JSON atomically, both complete before either is
+    switched in (see :mod:`surgeon.outputs`); returns both paths."""
+    from surgeon.artifacts import canonical_json
+    from surgeon.outputs import Output
 
     out = Path(out)
     side = sidecar_path(out)
-    check_writable_output(out, force)
-    check_writable_output(side, force)
-    atomic_write_text(side, canonical_json(result.document()), force=force)
-    atomic_write_text(out, result.recipe_yaml(side.name), force=force)
+    with Output(out, "tune-recipe", force=force) as o, Output(side, "tune", force=force) as s:
+        s.write(canonical_json(result.document()).encode())
+        o.write(result.recipe_yaml(side.name).encode())
+        s.commit()
+        o.commit()
     return out, side
 
 

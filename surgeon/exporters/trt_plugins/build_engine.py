@@ -40,7 +40,28 @@ def load_manifest(bundle: Path) -> Dict[str, Any]:
     man = json.loads(path.read_text())
     if man.get("kind") != "export-manifest" or not man.get("tensorrt"):
         raise BundleError(f"{path} is not the manifest of a surgeon TensorRT bundle")
+    verify_files(bundle, man.get("files") or {})
     return man
+
+
+def verify_files(bundle: Path, files: Dict[str, str]) -> None:
+    """Every file the manifest lists has the recorded sha256 (engines excepted: this script
+    rebuilds them). A changed, truncated or missing model or plugin file is a BundleError."""
+    import hashlib
+
+    for name, digest in sorted(files.items()):
+        if name.endswith(".engine"):
+            continue
+        f = bundle / name
+        if not f.is_file():
+            raise BundleError(f"{f} is missing (listed in {bundle / 'manifest.json'})")
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            raise BundleError(f"{f} does not match the sha256 recorded in {bundle / 'manifest.json'} "
+                              "(changed, truncated or replaced after export)")
 
 
 def import_tensorrt() -> Any:
