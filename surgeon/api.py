@@ -607,6 +607,7 @@ def _generate_onnx(model_or_dir: Any, src_dir: Optional[Path], export_dir: Path,
     if importlib.util.find_spec("surgeon.generation.onnx_loop") is None:
         raise BadInput(f"ONNX generation needs an export with a KV cache, and this surgeon cannot run one ({export_dir})",
                        "generate with PyTorch (drop --onnx)")
+    importlib.import_module("surgeon.generation.onnx_loop").kv_manifest(export_dir)  # refuse a cacheless export first
     tok, maxpos, name = None, 0, str(model_or_dir)
     if src_dir is not None and (src_dir / "tokenizer").is_dir():
         from transformers import AutoTokenizer

@@ -195,6 +195,14 @@ def tiny(tmp_path_factory):
     for key, recipe in recipes.items():
         res = rewrite(cap, policy_from_recipe(recipe, lm.fingerprint(), names))
         dirs[key] = save_rewritten(root / f"rw-{key}", cap, res)
+    # every site dense at prefill, decoding with token_select (built directly: on main, check_recipe
+    # does not yet accept a recipe's decode entry)
+    from surgeon.passes.policy import DecodeSpec
+
+    pol = policy_from_recipe(recipes["dense"], lm.fingerprint(), names)
+    pol = pol.model_copy(update={"sites": {n: c.model_copy(update={"decode": DecodeSpec(mode="token_select")})
+                                           for n, c in pol.sites.items()}})
+    dirs["token_select"] = save_rewritten(root / "rw-token_select", cap, rewrite(cap, pol))
     return lm, dirs, root
 
 
@@ -282,6 +290,22 @@ def test_full_sequence_export_is_refused_for_generation(tiny):
     assert "without KV-cache inputs" in str(e.value) and "--kv-cache" in str(e.value)
     with pytest.raises(BadInput, match="not a surgeon export"):
         generate_onnx(root, [1, 2, 3], 4)
+    from typer.testing import CliRunner
+
+    from surgeon.cli import app
+
+    r = CliRunner().invoke(app, ["generate", str(dirs["dense"]), "--prompt", "hello", "--onnx", str(root / "full-onnx")])
+    assert r.exit_code == 2 and "without KV-cache inputs" in r.output and "--kv-cache" in r.output
+
+
+def test_non_dense_decode_mode_is_refused(tiny):
+    """A policy whose sites decode with a mode the ONNX export cannot lower is refused, not
+    silently exported with dense decode."""
+    from surgeon.exporters.kv_export import export_kv
+
+    lm, dirs, root = tiny
+    with pytest.raises(BadInput, match="decode with 'token_select'"):
+        export_kv(dirs["token_select"], root / "ts-onnx", model=lm)
 
 
 def test_cli_export_kv_flags(tiny):

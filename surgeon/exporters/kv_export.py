@@ -301,6 +301,13 @@ def layer_attention(rewritten: Any, dense: bool = False) -> list[LayerAttention]
 
     sites = [Site(**d) for d in rewritten.manifest.sites]
     index = {s.name: i for i, s in enumerate(sites)}
+    modes = {n: getattr(getattr(c, "decode", None), "mode", "dense") for n, c in rewritten.policy.sites.items()}
+    other = sorted(n for n, m in modes.items() if m not in (None, "dense"))
+    if other:
+        raise BadInput(f"site(s) {', '.join(other[:3])}{', …' if len(other) > 3 else ''} decode with "
+                       f"'{modes[other[0]]}', which the KV-cache export has no ONNX lowering for (its decode steps "
+                       "attend densely over the cache)", "rewrite with those sites' decode mode dense to export, or "
+                       "generate in PyTorch (surgeon generate without --onnx)")
     out: list[LayerAttention] = []
     for i, site in enumerate(sites):
         if site.kind != "sdpa" or site.mask_kind == "explicit" or not site.causal:
