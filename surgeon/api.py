@@ -552,7 +552,7 @@ def generate(model_or_dir: Any = DEFAULT_MODEL, prompt: Optional[str] = None, *,
         src_dir = Path(model_or_dir)
     if onnx is not None:
         return _generate_onnx(model_or_dir, src_dir, Path(onnx), prompt, prompt_ids, max_new_tokens, temperature,
-                              seed, chat)
+                              seed, chat, stop_at_eos=stop_at_eos)
     if src_dir is not None:
         from surgeon.generation.hf import resolve
 
@@ -595,7 +595,8 @@ def generate(model_or_dir: Any = DEFAULT_MODEL, prompt: Optional[str] = None, *,
 
 
 def _generate_onnx(model_or_dir: Any, src_dir: Optional[Path], export_dir: Path, prompt: Optional[str],
-                   prompt_ids: Optional[list[int]], max_new_tokens: int, temperature: float, seed: int, chat: bool):
+                   prompt_ids: Optional[list[int]], max_new_tokens: int, temperature: float, seed: int, chat: bool,
+                   stop_at_eos: bool = True):
     """``surgeon generate --onnx``: tokenise here, run the loop of :mod:`surgeon.generation.onnx_loop`."""
     import importlib
     import importlib.util
@@ -606,6 +607,7 @@ def _generate_onnx(model_or_dir: Any, src_dir: Optional[Path], export_dir: Path,
     if importlib.util.find_spec("surgeon.generation.onnx_loop") is None:
         raise BadInput(f"ONNX generation needs an export with a KV cache, and this surgeon cannot run one ({export_dir})",
                        "generate with PyTorch (drop --onnx)")
+    importlib.import_module("surgeon.generation.onnx_loop").kv_manifest(export_dir)  # refuse a cacheless export first
     tok, maxpos, name = None, 0, str(model_or_dir)
     if src_dir is not None and (src_dir / "tokenizer").is_dir():
         from transformers import AutoTokenizer
@@ -621,10 +623,10 @@ def _generate_onnx(model_or_dir: Any, src_dir: Optional[Path], export_dir: Path,
     ids = _prompt_ids(tok, prompt, prompt_ids, chat)
     loop.check_request(len(ids), max_new_tokens, maxpos, temperature)
     onnx_loop = importlib.import_module("surgeon.generation.onnx_loop")
-    res = onnx_loop.generate_onnx(export_dir, ids, max_new_tokens, temperature, seed)
+    res = onnx_loop.generate_onnx(export_dir, ids, max_new_tokens, temperature, seed, stop_at_eos=stop_at_eos)
     if isinstance(res, loop.GenerationResult):
         return res
-    d = dict(res) if isinstance(res, dict) else {"token_ids": list(res)}
+    d = res.to_dict() if hasattr(res, "to_dict") else dict(res) if isinstance(res, dict) else {"token_ids": list(res)}
     new = [int(i) for i in d.pop("token_ids")]
     text = d.pop("text", None)
     if text is None:

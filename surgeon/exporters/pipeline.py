@@ -98,6 +98,7 @@ class ExportManifest(Artifact):
     tensorrt: Optional[dict[str, Any]] = None
     engine: Optional[str] = None
     reason: Optional[str] = None
+    kv_cache: Optional[dict[str, Any]] = None  # KV-cache exports (surgeon.exporters.kv_export): the cache layout
     files: dict[str, str]
     _seconds: dict[str, float] = PrivateAttr(default_factory=dict)
 
