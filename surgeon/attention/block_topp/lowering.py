@@ -1,11 +1,12 @@
 """ONNX lowering of ``block_topp``: the token-mask body and the gathered body.
 
-The body computes the same selection as :func:`surgeon.attention.block_topp.topp_block_mask`
+Both bodies compute the same selection as :func:`surgeon.attention.block_topp.topp_block_mask`
 (sampled-row estimator, top-p counts with ``TopK`` + exclusive ``CumSum`` in float64, then the
-shared ``select_top``) and attends only to the kept blocks with the gathered block-sparse body
-of :mod:`surgeon.exporters.onnx_blocks`. Sites with an explicit ``attn_mask`` or
-modulators use masked attention with the upsampled token mask and the site's modulator edits
-(the selection itself is never modulated, as in the reference).
+shared ``select_top``). The ``mask`` body attends through the upsampled token keep mask with the
+site's modulator edits (the selection itself is never modulated, as in the reference); the
+``gather`` body attends only to the kept blocks with the gathered block-sparse body of
+:mod:`surgeon.exporters.onnx_blocks`, and falls back to the ``mask`` body on sites with an
+explicit ``attn_mask`` or modulators.
 
 Declared in :data:`LOWERINGS`, which :meth:`surgeon.attention.base.Variant.lowerings`
 reads through the class's ``lowering_module``; the lowering contract is in
