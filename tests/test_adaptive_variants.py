@@ -331,7 +331,7 @@ def test_head_hybrid_all_dense_kinds_and_density():
 
 
 def upsample(sel, bs):
-    from surgeon.kernels.blocksparse_cpu import upsample_block_mask
+    from surgeon.kernels.geometry import upsample_block_mask
 
     return upsample_block_mask(sel, sel.shape[2] * bs, sel.shape[3] * bs, bs, bs)
 
@@ -590,7 +590,7 @@ def test_adaptive_variants_rewrite_export_and_verify(tmp_path_factory):
 
 def test_partial_topk_selector_equals_full_sort_selector():
     from surgeon.attention.vertical_slash import select_top_k
-    from surgeon.kernels.blocksparse_cpu import select_top
+    from surgeon.kernels.geometry import select_top
 
     g = torch.Generator().manual_seed(0)
     for trial in range(20):

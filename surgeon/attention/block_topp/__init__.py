@@ -50,11 +50,11 @@ from typing import Optional
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import (
+from surgeon.kernels.dispatch import block_sparse_attention
+from surgeon.kernels.geometry import (
     block_geometry,
     block_mask_density,
     block_pair_counts,
-    block_sparse_attention,
     num_blocks,
     query_validity,
     real_blocks,
@@ -246,6 +246,7 @@ def topp_block_mask(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: Block
 
 class BlockTopP(Variant):
     name = "block_topp"
+    lowering_module = "surgeon.attention.block_topp.lowering"
     Params = BlockTopPParams
     family = "sparse"
     description = ("adaptive block-sparse attention: per head and query block, the fewest key blocks whose "
@@ -304,7 +305,7 @@ class BlockTopP(Variant):
         a chunk of query blocks is padded to the chunk's largest kept-block count (the
         per-head imbalance an adaptive budget creates), whole blocks are computed. ≥ the
         achieved density; what a planner should cost for the ``gather`` path."""
-        from surgeon.kernels.blocksparse_cpu import _plan_chunks, block_geometry
+        from surgeon.kernels.blocksparse_cpu import _plan_chunks
 
         b, hq, nq, _ = q.shape
         nk = k.shape[2]
@@ -320,14 +321,14 @@ class BlockTopP(Variant):
         """Estimator work as a fraction of dense QKᵀ work (sampled rows / all rows)."""
         return math.ceil(p.block_size / p.stride) / p.block_size
 
-    def onnx_lowering(self, op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask):
-        from surgeon.attention.block_topp.onnx import lower_block_topp
-
-        return lower_block_topp(op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask)
-
     # -- test-matrix hooks ------------------------------------------------------------
     def degenerate_params(self, n: int) -> BlockTopPParams:
         return BlockTopPParams(p=1.0, block_size=16, stride=4)
 
     def example_params(self, n: int, hq: int) -> BlockTopPParams:
         return BlockTopPParams(p=0.6, block_size=16, stride=4, sink_blocks=1, local_blocks=1)
+
+    def small_example_params(self, hq: int) -> BlockTopPParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"p": 0.6, "block_size": 4, "stride": 2, "sink_blocks": 1, "local_blocks": 1})

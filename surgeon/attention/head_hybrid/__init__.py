@@ -25,13 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import (
-    band_attention,
-    block_mask_density,
-    block_pair_counts,
-    block_sparse_attention,
-    upsample_block_mask,
-)
+from surgeon.kernels.blocksparse_cpu import band_attention
+from surgeon.kernels.dispatch import block_sparse_attention
+from surgeon.kernels.geometry import block_mask_density, block_pair_counts, upsample_block_mask
 from surgeon.attention.base import (
     AttnContext,
     Variant,
@@ -131,6 +127,7 @@ def sparse_selection(q, k, ctx: AttnContext, p: HeadHybridParams) -> torch.Tenso
 
 class HeadHybrid(Variant):
     name = "head_hybrid"
+    lowering_module = "surgeon.attention.head_hybrid.lowering"
     Params = HeadHybridParams
     family = "sparse"
     description = ("DuoAttention-style head split in one op: each KV group dense, streaming (sink + window) "
@@ -240,11 +237,6 @@ class HeadHybrid(Variant):
         share = sum(kd == "sparse" for kd in p.kinds) / len(p.kinds)
         return share * get_variant(name).selection_overhead(sp)
 
-    def onnx_lowering(self, op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask):
-        from surgeon.attention.head_hybrid.onnx import lower_head_hybrid
-
-        return lower_head_hybrid(op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask)
-
     # -- test-matrix hooks (the shared matrix runs with 2 KV groups) ------------------------
     def degenerate_params(self, n: int) -> HeadHybridParams:
         # streaming with a window of the whole sequence and block top-p with p = 1 are dense
@@ -255,3 +247,8 @@ class HeadHybrid(Variant):
         return HeadHybridParams(kinds=("streaming", "sparse"), sink_tokens=4, window=max(1, n // 6), p=0.6,
                                 block_size=16, stride=4)
 
+    def small_example_params(self, hq: int) -> HeadHybridParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"kinds": ["streaming", "sparse"], "sink_tokens": 2, "window": 6, "p": 0.6,
+                                 "block_size": 4, "stride": 2})

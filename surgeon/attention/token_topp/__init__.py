@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from surgeon.errors import BadInput
-from surgeon.kernels.blocksparse_cpu import pooled_queries, query_validity
+from surgeon.kernels.geometry import pooled_queries, query_validity
 from surgeon.kernels.gather_cpu import (
     dense_pair_count,
     gathered_attention,
@@ -136,6 +136,7 @@ def select_tokens_topp(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: To
 
 class TokenTopP(Variant):
     name = "token_topp"
+    lowering_module = "surgeon.attention.token_topp.lowering"
     Params = TokenTopPParams
     family = "sparse"
     description = ("token-level selection with a mass budget: per query chunk, init + the fewest soft-voted keys "
@@ -193,14 +194,14 @@ class TokenTopP(Variant):
         """Fingerprint scores (one row per chunk against every key) as a fraction of dense QKᵀ."""
         return 1.0 / p.chunk
 
-    def onnx_lowering(self, op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask):
-        from surgeon.attention.token_topp.onnx import lower_token_topp
-
-        return lower_token_topp(op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask)
-
     # -- test-matrix hooks ------------------------------------------------------------
     def degenerate_params(self, n: int) -> TokenTopPParams:
         return TokenTopPParams(n_init=4, n_local=8, p=1.0, chunk=16)
 
     def example_params(self, n: int, hq: int) -> TokenTopPParams:
         return TokenTopPParams(n_init=4, n_local=8, p=0.5, min_tokens=2, chunk=16)
+
+    def small_example_params(self, hq: int) -> TokenTopPParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"n_init": 2, "n_local": 4, "p": 0.6, "chunk": 8})

@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from surgeon.kernels.blocksparse_cpu import num_blocks, query_validity
+from surgeon.kernels.geometry import num_blocks, query_validity
 from surgeon.kernels.gather_cpu import attend_lse, dense_pair_count, real_keys
 from surgeon.attention.base import (
     AttnContext,
@@ -362,6 +362,7 @@ def pattern_density(pat: VSPattern, nq: int, nk: int, block_size: int, causal: b
 
 class VerticalSlash(Variant):
     name = "vertical_slash"
+    lowering_module = "surgeon.attention.vertical_slash.lowering"
     Params = VerticalSlashParams
     family = "sparse"
     description = ("MInference vertical-slash: per head and query block, top key columns and top diagonals "
@@ -408,11 +409,6 @@ class VerticalSlash(Variant):
         """Estimator work as a fraction of dense QKᵀ work."""
         return min(1.0, p.last_q / p.block_size)
 
-    def onnx_lowering(self, op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask):
-        from surgeon.attention.vertical_slash.onnx import lower_vertical_slash
-
-        return lower_vertical_slash(op, q, k, v, key_padding, attn_mask, causal, scale, config, block_mask)
-
     # -- test-matrix hooks ------------------------------------------------------------
     def degenerate_params(self, n: int) -> VerticalSlashParams:
         return VerticalSlashParams(n_vertical=n, n_slash=2 * n, last_q=4, block_size=16, sink_tokens=2, local=4)
@@ -420,3 +416,9 @@ class VerticalSlash(Variant):
     def example_params(self, n: int, hq: int) -> VerticalSlashParams:
         return VerticalSlashParams(n_vertical=max(1, n // 16), n_slash=max(1, n // 16), last_q=4, block_size=16,
                                    sink_tokens=2, local=4)
+
+    def small_example_params(self, hq: int) -> VerticalSlashParams:
+        """Non-trivial parameters at 24–32 tokens (small blocks / visible edits; the ONNX
+        modulated × sparse matrix)."""
+        return self.params_from({"n_vertical": 3, "n_slash": 3, "last_q": 4, "block_size": 8, "sink_tokens": 1,
+                                 "local": 2})
