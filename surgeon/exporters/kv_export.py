@@ -510,7 +510,6 @@ def source_check(decoder: KVDecoder, rewritten: Any, vocab: int, length: int = 2
 
 def _export_graph(decoder: KVDecoder, path: Path, vocab: int, opset: int) -> Any:
     """torch.onnx (dynamo) export of ``decoder`` to ``path`` with named I/O and dynamic axes."""
-    from surgeon.exporters import blocksparse_lowering as BL
     from surgeon.exporters import onnx_lowering as L
 
     ex = _EXAMPLE
@@ -522,9 +521,10 @@ def _export_graph(decoder: KVDecoder, path: Path, vocab: int, opset: int) -> Any
     D = torch.export.Dim.DYNAMIC
     dyn = {"input_ids": {0: D, 1: D}, "attention_mask": {0: D, 1: D}, "position_ids": {0: D, 1: D},
            "past": [{0: D, 2: D} for _ in past]}
-    with torch.no_grad(), BL.use_lowerings("gather"):
+    with torch.no_grad():  # gathered block-sparse bodies where a variant has one
         if not any(decoder.gqa):
-            res = L.export_program(decoder, (ids, mask, pos, past), dyn, path, opset=opset, external_data=True)
+            res = L.export_program(decoder, (ids, mask, pos, past), dyn, path, opset=opset, external_data=True,
+                                   lowering="gather")
         else:
             res = _export_with_gqa(decoder, (ids, mask, pos, past), dyn, path, opset)
     _name_io(path, decoder.num_layers)
@@ -553,7 +553,7 @@ def _export_with_gqa(decoder: KVDecoder, example: tuple, dyn: Any, path: Path, o
         raise BadInput(f"torch.onnx.export failed: {msg[-1] if msg else type(e).__name__}",
                        "export without --attention gqa") from e
     model = prog.model
-    counts = L.attach_functions(model)
+    counts = L.attach_functions(model, lowering="gather")
     model.opset_imports["com.microsoft"] = 1
     data = f"{path.name}.data"
     ir.save(model, path, external_data=data)
