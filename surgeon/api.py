@@ -228,7 +228,7 @@ def _rewrite_planned(model, mode, settings, profile, budget, recipe, out, force,
     step("writing")
     extra = {"report.json": canonical_json(report).encode()}
     if mode == "tolerance":
-        from surgeon.profiles.tolerance import frontier_png, render_rewrite_report
+        from surgeon.profiles.frontier import frontier_png, render_rewrite_report
 
         extra["report.html"] = render_rewrite_report(report, policy.planner).encode()
         png = frontier_png(policy.planner or {})

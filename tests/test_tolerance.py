@@ -220,7 +220,7 @@ def test_build_bad_recipe_exit_2_before_any_work(tmp_path, body, needle):
 
 
 def test_frontier_plot_and_report_from_a_planner_record():
-    from surgeon.profiles.tolerance import frontier_png, render_rewrite_report
+    from surgeon.profiles.frontier import frontier_png, render_rewrite_report
 
     rec = {"tolerance": 0.01, "margin": 0.5, "lengths": [64, 512], "frontier_length": 64, "chosen": "block_topk",
            "note": "block_topk is the fastest",
