@@ -473,9 +473,12 @@ class Collector:
             ent_rows = None
             if m.stats:
                 # entropy −Σ p log p = log s − Σ e·y / s (p = e / s), without a log per element
-                ent_rows = (torch.log(ssum) - (pr * y).sum(dim=-1, keepdim=True) / ssum).masked_fill_(dead, 0.0)
+                # (y ⊙ e in place of a fresh e ⊙ y: the same products, without a chunk-sized allocation)
+                ent_rows = (torch.log(ssum) - y.mul_(pr).sum(dim=-1, keepdim=True) / ssum).masked_fill_(dead, 0.0)
             del z, y
-            pr = pr.div_(ssum).masked_fill_(dead, 0.0)  # [1,Hq,c,ke] probabilities
+            pr = pr.div_(ssum)  # [1,Hq,c,ke] probabilities
+            if bool(dead.any()):
+                pr.masked_fill_(dead, 0.0)
             rb = pr.view(b, hq, c, ke // bs, bs).sum(dim=-1)  # [1,Hq,c,nkb_e] per-row block mass
             if m.stats:
                 if geometric:
