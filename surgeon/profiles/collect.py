@@ -302,6 +302,7 @@ class Collector:
         self.produced: dict[int, torch.Tensor] = {}
         self.sample_sinks: dict[int, list[tuple[int, float, float]]] = {}
         self._buf: dict[str, torch.Tensor] = {}
+        self.on_site_stats: Optional[Callable[[], None]] = None  # progress: called after each site's statistics
         self.new_unit()
 
     # -- units of work ------------------------------------------------------------------
@@ -351,6 +352,8 @@ class Collector:
             with torch.no_grad():
                 self._site_stats(idx, site, query.detach(), key.detach(), value.detach(), attn_mask,
                                  bool(is_causal), sc, None if hidden is None else hidden.detach())
+            if m.stats and self.on_site_stats is not None:
+                self.on_site_stats()
         if m.grad:
             z = torch.zeros_like(out, requires_grad=True)
             self.zs[idx] = z
@@ -886,8 +889,8 @@ def profile(
     Data: ``texts`` (documents), ``data_path`` (file/folder, see :mod:`surgeon.profiles.data`) or
     neither (the built-in corpus); the ``calib`` split is used. ``options`` are the other
     :class:`ProfileSettings` fields (ref_keep, grad_seq_len, sens_samples, ...). ``progress`` is
-    called as ``progress(stage, done, total)`` with stages "statistics", "gradients",
-    "sensitivity". Deterministic: same inputs and seed → byte-identical ``to_json()``.
+    called as ``progress(stage, done, total)`` with stages "statistics" (one step per site of
+    each sample), "gradients" (per sample) and "sensitivity" (per forward). Deterministic: same inputs and seed → byte-identical ``to_json()``.
 
     Distributed (torchrun, see :mod:`surgeon.profiles.distributed`): when this process has joined
     a process group of N > 1 ranks, it computes its share of the units and rank 0 returns the
@@ -925,6 +928,7 @@ def profile(
     done_units: list[_Unit] = []
     stage_names = ("statistics", "gradients", "sensitivity")
     stage_total = {k: sum(1 for u in mine if u[0] == k) for k in range(3)}
+    stage_total[0] *= L  # statistics: one step per site of each sample (a long row's sites take minutes)
     stage_total[2] *= L + 1
     stage_done = {0: 0, 1: 0, 2: 0}
 
@@ -944,6 +948,7 @@ def profile(
                     with_grad = combined and s_ < grad_n
                     col.mode = _Mode(stats=True, delta=True, keep_delta=with_grad, grad=with_grad,
                                      stop_after=None if with_grad else L - 1)
+                    col.on_site_stats = lambda: tick(0)
                     if with_grad:
                         _grad_step(gm, col, inputs)
                     else:
@@ -951,7 +956,7 @@ def profile(
                             _run(gm, inputs)
                     col.end_stats_sample(s_, ids_all[s_:s_ + 1] if ids_all is not None else None, lm.tokenizer)
                     col.deltas, col.zs = {}, {}
-                    tick(0)
+                    col.on_site_stats = None
                 elif stage == 1:
                     col.mode = _Mode(delta=True, keep_delta=True, grad=True)
                     _grad_step(gm, col, data.row(s_, grad_len))
