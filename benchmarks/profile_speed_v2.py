@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--after-only", action="store_true", help="time this checkout only")
+    ap.add_argument("--repo", default=str(ROOT), help="git repository holding --before (default: this checkout)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_speed_cpu_v2.json"))
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "SAMPLES", "SEQ_LEN"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     res = json.loads(out_path.read_text()) if out_path.exists() else {}
     res.update({"benchmark": "profile_speed_v2", "model": a.model, "block_size": a.block_size,
                 "before_commit": a.before,
-                "after_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                "after_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=a.repo, capture_output=True,
                                                text=True).stdout.strip(),
                 "device": device_description("cpu"), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.after_only:
             before = Path(tmp) / "before"
             before.mkdir()
-            arch = subprocess.run(["git", "archive", a.before], cwd=ROOT, capture_output=True, check=True).stdout
+            arch = subprocess.run(["git", "archive", a.before], cwd=a.repo, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(before)], input=arch, check=True)
             trees = {"before": before, "after": ROOT}
         for spec in a.settings.split(","):
