@@ -745,7 +745,7 @@ class _Replay:
     the results are bit-identical) and keeps the values that some site's dependents read;
     :meth:`suffix` then re-executes only the nodes downstream of site ``i`` on those values —
     on average half a forward instead of a whole one, with bit-identical outputs. Graphs with
-    mutating ops (in-place, buffer updates) are not replayed (:meth:`of` returns None).
+    mutating ops (in-place, buffer updates) or other node kinds are not replayed (:meth:`of` returns None).
     """
 
     def __init__(self, gm: torch.fx.GraphModule, site_nodes: Sequence[torch.fx.Node]) -> None:
@@ -780,7 +780,7 @@ class _Replay:
         rep = gm.meta.get("surgeon_replay")
         if rep is None:
             sites = gm.meta.get("surgeon_site_nodes")
-            if not sites or any(n.op not in ("placeholder", "get_attr", "call_function", "output") or
+            if not sites or any(n.op not in ("placeholder", "get_attr", "call_function", "call_module", "output") or
                                 (n.op == "call_function" and _mutates(n.target)) for n in gm.graph.nodes):
                 return None
             rep = cls(gm, sites)
@@ -795,6 +795,8 @@ class _Replay:
             return obj
         args = torch.fx.node.map_arg(n.args, env.__getitem__)
         kwargs = torch.fx.node.map_arg(n.kwargs, env.__getitem__)
+        if n.op == "call_module":  # e.g. torch.export's input guards (``_guards_fn``)
+            return self.gm.get_submodule(str(n.target))(*args, **kwargs)
         return n.target(*args, **kwargs)
 
     def _output(self, env: dict[torch.fx.Node, Any]) -> Any:
