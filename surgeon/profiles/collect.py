@@ -754,6 +754,7 @@ class _Replay:
         pos = {n: k for k, n in enumerate(self.nodes)}
         self.out_node = next(n for n in self.nodes if n.op == "output")
         self.steps: list[list[torch.fx.Node]] = []
+        self.step_free: list[list[list[torch.fx.Node]]] = []  # per site: values dead after each step
         keep: set[torch.fx.Node] = set()
         for sn in site_nodes:
             desc = {sn}
@@ -765,6 +766,18 @@ class _Replay:
             for n in steps + [self.out_node]:
                 keep.update(a for a in n.all_input_nodes if a not in desc)
             self.steps.append(steps)
+            # free each value after its last reader, as the generated forward does (holding every
+            # intermediate makes each allocation fresh, page-faulted memory: slower than a full forward)
+            last_in: dict[torch.fx.Node, int] = {}
+            for k, n in enumerate(steps):
+                for a in n.all_input_nodes:
+                    last_in[a] = k
+            out_inputs = set(self.out_node.all_input_nodes)
+            free: list[list[torch.fx.Node]] = [[] for _ in steps]
+            for a, k in last_in.items():
+                if a not in out_inputs:
+                    free[k].append(a)
+            self.step_free.append(free)
         self.keep = keep
         last: dict[torch.fx.Node, int] = {}
         for k, n in enumerate(self.nodes):
@@ -819,8 +832,10 @@ class _Replay:
     def suffix(self, i: int, kept: dict[torch.fx.Node, Any]) -> Any:
         """The forward's output when only the nodes downstream of site ``i`` are re-executed."""
         env = dict(kept)
-        for n in self.steps[i]:
+        for n, dead in zip(self.steps[i], self.step_free[i]):
             env[n] = self._exec(n, env)
+            for d in dead:
+                del env[d]
         return self._output(env)
 
 
