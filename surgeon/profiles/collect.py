@@ -55,7 +55,10 @@ default the gradients use the first ``min(seq_len, 1024)`` tokens of every calib
 Layer sensitivity: one forward per site with that site alone running ``block_topk`` at the
 reference keep (the variant's own fast path), the others dense, on ``sens_samples`` rows of
 ``sens_seq_len`` tokens; the score is the CE increase over the dense forward (causal LMs) or
-the relative L2 error of the output (other models).
+the relative L2 error of the output (other models). The dense forward keeps the values that
+some site's dependents read, and each site's forward re-executes only the nodes downstream of
+that site (:class:`_Replay`): the same ops on the same values, so the scores are bit-identical
+to whole forwards, at about 0.6 of their cost on SmolLM2 (the LM head runs in every one).
 """
 from __future__ import annotations
 
