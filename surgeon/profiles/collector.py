@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -147,6 +147,7 @@ class Collector:
         self.produced: dict[int, torch.Tensor] = {}
         self.sample_sinks: dict[int, list[tuple[int, float, float]]] = {}
         self._buf: dict[str, torch.Tensor] = {}
+        self.on_site_stats: Optional[Callable[[], None]] = None  # progress: called after each site's statistics
         self.new_unit()
 
     # -- units of work ------------------------------------------------------------------
@@ -196,6 +197,8 @@ class Collector:
             with torch.no_grad():
                 self._site_stats(idx, site, query.detach(), key.detach(), value.detach(), attn_mask,
                                  bool(is_causal), sc, None if hidden is None else hidden.detach())
+            if m.stats and self.on_site_stats is not None:
+                self.on_site_stats()
         if m.grad:
             z = torch.zeros_like(out, requires_grad=True)
             self.zs[idx] = z
@@ -318,9 +321,12 @@ class Collector:
             ent_rows = None
             if m.stats:
                 # entropy −Σ p log p = log s − Σ e·y / s (p = e / s), without a log per element
-                ent_rows = (torch.log(ssum) - (pr * y).sum(dim=-1, keepdim=True) / ssum).masked_fill_(dead, 0.0)
+                # (y ⊙ e in place of a fresh e ⊙ y: the same products, without a chunk-sized allocation)
+                ent_rows = (torch.log(ssum) - y.mul_(pr).sum(dim=-1, keepdim=True) / ssum).masked_fill_(dead, 0.0)
             del z, y
-            pr = pr.div_(ssum).masked_fill_(dead, 0.0)  # [1,Hq,c,ke] probabilities
+            pr = pr.div_(ssum)  # [1,Hq,c,ke] probabilities
+            if bool(dead.any()):
+                pr.masked_fill_(dead, 0.0)
             rb = pr.view(b, hq, c, ke // bs, bs).sum(dim=-1)  # [1,Hq,c,nkb_e] per-row block mass
             if m.stats:
                 if geometric:
@@ -569,6 +575,7 @@ def instrument(cap: Captured, collector: Collector) -> torch.fx.GraphModule:
         n.kwargs = {"dropout_p": a["dropout_p"], "is_causal": a["is_causal"], "scale": a["scale"],
                     "enable_gqa": a["enable_gqa"], "hidden": hid}
     gm.recompile()
+    gm.meta["surgeon_site_nodes"] = list(nodes)
     return gm
 
 
