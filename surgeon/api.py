@@ -117,6 +117,8 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
     """
     from surgeon.errors import BadInput
 
+    ins = [v for v in (model, profile, recipe) if isinstance(v, (str, os.PathLike)) and os.fspath(v)
+           and Path(v).exists()]  # never an output (the recipe is read into a dict below)
     # ---- every check that needs no model comes first
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not 0.0 < float(budget) <= 1.0):
@@ -151,8 +153,6 @@ def rewrite(model: LoadedModel | str, *, profile: Optional[Path | str] = None, b
         if world is not None and world.rank != 0:  # rank 0 alone checks, locks and writes OUT
             return _rewrite_planned(model, mode, settings, profile, budget, recipe, out, force, eval_seq_len,
                                     eval_samples, progress, world)
-        ins = [v for v in (model, profile, recipe) if isinstance(v, (str, os.PathLike)) and os.fspath(v)
-               and Path(v).exists()]
         with _outputs.Output(out, "rewrite", force=force, inputs=ins):  # checked and locked for the whole run
             return _rewrite_planned(model, mode, settings, profile, budget, recipe, out, force, eval_seq_len,
                                     eval_samples, progress, world)
