@@ -175,13 +175,13 @@ class TokenTopK(Variant):
                    "(per-head softmax of fingerprint·key, summed over heads) + local window")
 
     def reference(self, q, k, v, ctx: AttnContext, p: TokenTopKParams, block_mask=None):
-        sel = select_tokens(q, k, ctx, p)
+        sel = self.select(q, k, ctx, p)
         out = attention_from_keep(q, k, v, ctx, selection_keep(sel, q.shape[2], k.shape[2], p.chunk))
         self._record(q, k, ctx, p, sel)
         return out
 
     def _gather(self, q, k, v, ctx: AttnContext, p: TokenTopKParams, block_mask=None):
-        sel = select_tokens(q, k, ctx, p)
+        sel = self.select(q, k, ctx, p)
         nk = k.shape[2]
         out = gathered_attention(q, k, v, sel.idx, group=p.chunk, scale=ctx.scale,
                                  key_bias=padding_bias(ctx.key_padding, q.dtype), diag_start=sel.diag_start,
@@ -201,8 +201,15 @@ class TokenTopK(Variant):
         if recorder_active():
             d = self._density(q, k, ctx, p, sel) if ctx.attn_mask is None else \
                 self.achieved_density(q, k, None, ctx, p)
-            req = p.keep if p.keep > 0 else min(1.0, (p.n_init + p.top_k + p.n_local) / max(k.shape[2], 1))
-            record_density(ctx.site, self.name, req, d)
+            record_density(ctx.site, self.name, self._requested(p, k.shape[2], d), d)
+
+    # -- what subclasses (token_topp) change: the selection and what it asked for ----------------
+    def select(self, q, k, ctx: AttnContext, p: TokenTopKParams) -> _Selection:
+        """The chunks' selected key positions (see :func:`select_tokens`)."""
+        return select_tokens(q, k, ctx, p)
+
+    def _requested(self, p: TokenTopKParams, nk: int, achieved: float) -> float:
+        return p.keep if p.keep > 0 else min(1.0, (p.n_init + p.top_k + p.n_local) / max(nk, 1))
 
     def fast_paths(self):
         return {"gather": self._gather}
@@ -212,7 +219,7 @@ class TokenTopK(Variant):
 
     def keep_mask(self, q, k, v, ctx: AttnContext, p: TokenTopKParams, block_mask=None) -> torch.Tensor:
         b, hq, nq, _ = q.shape
-        keep = selection_keep(select_tokens(q, k, ctx, p), nq, k.shape[2], p.chunk)
+        keep = selection_keep(self.select(q, k, ctx, p), nq, k.shape[2], p.chunk)
         return keep.expand(b, hq, nq, k.shape[2])
 
     def requested_density(self, p: TokenTopKParams) -> float:
@@ -222,7 +229,7 @@ class TokenTopK(Variant):
     def achieved_density(self, q, k, v, ctx: AttnContext, p: TokenTopKParams, block_mask=None) -> float:
         if ctx.attn_mask is not None:
             return super().achieved_density(q, k, v, ctx, p, block_mask)
-        return self._density(q, k, ctx, p, select_tokens(q, k, ctx, p))
+        return self._density(q, k, ctx, p, self.select(q, k, ctx, p))
 
     # -- test-matrix hooks ------------------------------------------------------------
     def degenerate_params(self, n: int) -> TokenTopKParams:

@@ -23,23 +23,9 @@ import torch
 
 from surgeon.errors import BadInput
 from surgeon.kernels.geometry import pooled_queries, query_validity
-from surgeon.kernels.gather_cpu import (
-    dense_pair_count,
-    gathered_attention,
-    gathered_pair_count,
-    padding_bias,
-    real_keys,
-)
-from surgeon.attention.base import (
-    AttnContext,
-    Variant,
-    VariantParams,
-    attention_from_keep,
-    check_range,
-    record_density,
-    recorder_active,
-)
-from surgeon.attention.token_topk import _Selection, selection_keep
+from surgeon.kernels.gather_cpu import real_keys
+from surgeon.attention.base import AttnContext, VariantParams, check_range
+from surgeon.attention.token_topk import TokenTopK, _Selection
 
 NEG_INF = float("-inf")
 
@@ -134,7 +120,10 @@ def select_tokens_topp(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: To
     return _Selection(idx=idx[:, None], diag_start=None, diag_len=0)
 
 
-class TokenTopP(Variant):
+class TokenTopP(TokenTopK):
+    """token_topk's machinery (reference, gather fast path, density accounting) with the
+    budget set by vote mass: only the selection differs (:func:`select_tokens_topp`)."""
+
     name = "token_topp"
     lowering_module = "surgeon.attention.token_topp.lowering"
     Params = TokenTopPParams
@@ -142,53 +131,14 @@ class TokenTopP(Variant):
     description = ("token-level selection with a mass budget: per query chunk, init + the fewest soft-voted keys "
                    "whose vote reaches p (min/max bounds) + local window")
 
-    def reference(self, q, k, v, ctx: AttnContext, p: TokenTopPParams, block_mask=None):
-        sel = select_tokens_topp(q, k, ctx, p)
-        out = attention_from_keep(q, k, v, ctx, selection_keep(sel, q.shape[2], k.shape[2], p.chunk))
-        self._record(q, k, ctx, p, sel)
-        return out
+    def select(self, q, k, ctx: AttnContext, p: TokenTopPParams) -> _Selection:
+        return select_tokens_topp(q, k, ctx, p)
 
-    def _gather(self, q, k, v, ctx: AttnContext, p: TokenTopPParams, block_mask=None):
-        sel = select_tokens_topp(q, k, ctx, p)
-        nk = k.shape[2]
-        out = gathered_attention(q, k, v, sel.idx, group=p.chunk, scale=ctx.scale,
-                                 key_bias=padding_bias(ctx.key_padding, q.dtype), diag_start=sel.diag_start,
-                                 diag_len=sel.diag_len, q_offset=nk - q.shape[2])
-        self._record(q, k, ctx, p, sel)
-        return out
-
-    def _density(self, q, k, ctx: AttnContext, p: TokenTopPParams, sel: _Selection) -> float:
-        b, nq, nk = q.shape[0], q.shape[2], k.shape[2]
-        real = real_keys(ctx.key_padding, b, nk, q.device)
-        kept = gathered_pair_count(sel.idx, p.chunk, nq, nk, real, diag_start=sel.diag_start,
-                                   diag_len=sel.diag_len, q_offset=nk - nq)
-        dense = dense_pair_count(nq, nk, ctx.causal, ctx.key_padding, q.device).sum(dim=1).expand(b)
-        return float(kept.sum().item()) / max(float(dense.sum().item()), 1.0)
-
-    def _record(self, q, k, ctx: AttnContext, p: TokenTopPParams, sel: _Selection) -> None:
-        if recorder_active():
-            d = self._density(q, k, ctx, p, sel) if ctx.attn_mask is None else \
-                self.achieved_density(q, k, None, ctx, p)
-            record_density(ctx.site, self.name, d, d)  # adaptive: requested = achieved
-
-    def fast_paths(self):
-        return {"gather": self._gather}
-
-    def fast_available(self, name: str, q, ctx: AttnContext, p: VariantParams) -> bool:
-        return not ctx.modulated and ctx.attn_mask is None
-
-    def keep_mask(self, q, k, v, ctx: AttnContext, p: TokenTopPParams, block_mask=None) -> torch.Tensor:
-        b, hq, nq, _ = q.shape
-        keep = selection_keep(select_tokens_topp(q, k, ctx, p), nq, k.shape[2], p.chunk)
-        return keep.expand(b, hq, nq, k.shape[2])
+    def _requested(self, p: TokenTopPParams, nk: int, achieved: float) -> float:
+        return achieved  # adaptive: requested = achieved
 
     def requested_density(self, p: TokenTopPParams) -> float:
         return 1.0  # the budget follows the votes (recorded per call)
-
-    def achieved_density(self, q, k, v, ctx: AttnContext, p: TokenTopPParams, block_mask=None) -> float:
-        if ctx.attn_mask is not None:
-            return super().achieved_density(q, k, v, ctx, p, block_mask)
-        return self._density(q, k, ctx, p, select_tokens_topp(q, k, ctx, p))
 
     def selection_overhead(self, p: TokenTopPParams) -> float:
         """Fingerprint scores (one row per chunk against every key) as a fraction of dense QKᵀ."""
