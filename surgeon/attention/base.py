@@ -83,6 +83,27 @@ def check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool 
         raise BadInput(f"{name}={value} is out of range", f"use a value in {br}{lo}, {hi}]")
 
 
+def check_head_list(name: str, values: Optional[tuple[float, ...]], what: str) -> None:
+    """A per-query-head parameter list: non-empty, every entry in (0, 1]."""
+    if values is None:
+        return
+    if len(values) == 0:
+        raise BadInput(f"{name} is empty", f"give one {what} per query head, or omit {name}")
+    for i, x in enumerate(values):
+        check_range(f"{name}[{i}]", x, 0.0, 1.0, lo_open=True)
+
+
+def per_head_values(name: str, values: Optional[tuple[float, ...]], default: float, hq: int,
+                    device: torch.device, what: str) -> torch.Tensor:
+    """[Hq] float64: ``values`` (one per query head) or ``default`` repeated."""
+    if values is None:
+        return torch.full((hq,), float(default), dtype=torch.float64, device=device)
+    if len(values) != hq:
+        raise BadInput(f"{name} has {len(values)} entries but the site has {hq} query heads",
+                       f"give one {what} per query head")
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
 @dataclass(frozen=True)
 class AttnContext:
     """Per-call facts every variant needs (not tunable parameters)."""

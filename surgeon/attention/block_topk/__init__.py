@@ -51,7 +51,9 @@ from surgeon.attention.base import (
     Variant,
     VariantParams,
     attention_from_keep,
+    check_head_list,
     check_range,
+    per_head_values,
     record_density,
     recorder_active,
     repeat_kv,
@@ -76,21 +78,12 @@ class BlockTopKParams(VariantParams):
         check_range("block_size", self.block_size, 1, 1 << 20)
         check_range("sink_blocks", self.sink_blocks, 0, 1 << 30)
         check_range("local_blocks", self.local_blocks, 0, 1 << 30)
-        if self.head_keep is not None:
-            if len(self.head_keep) == 0:
-                raise BadInput("head_keep is empty", "give one keep fraction per query head, or omit head_keep")
-            for i, x in enumerate(self.head_keep):
-                check_range(f"head_keep[{i}]", x, 0.0, 1.0, lo_open=True)
+        check_head_list("head_keep", self.head_keep, "keep fraction")
 
 
 def head_fractions(p: BlockTopKParams, hq: int, device: torch.device) -> torch.Tensor:
     """Per-query-head keep fractions [Hq] float64 (``head_keep`` or ``keep`` repeated)."""
-    if p.head_keep is None:
-        return torch.full((hq,), float(p.keep), dtype=torch.float64, device=device)
-    if len(p.head_keep) != hq:
-        raise BadInput(f"head_keep has {len(p.head_keep)} entries but the site has {hq} query heads",
-                       "give one keep fraction per query head")
-    return torch.tensor(p.head_keep, dtype=torch.float64, device=device)
+    return per_head_values("head_keep", p.head_keep, p.keep, hq, device, "keep fraction")
 
 
 def topk_block_mask(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, fractions: torch.Tensor,

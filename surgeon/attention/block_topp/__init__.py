@@ -67,7 +67,9 @@ from surgeon.attention.base import (
     Variant,
     VariantParams,
     attention_from_keep,
+    check_head_list,
     check_range,
+    per_head_values,
     record_density,
     recorder_active,
 )
@@ -107,21 +109,12 @@ class BlockTopPParams(VariantParams):
         check_range("min_fraction", self.min_fraction, 0.0, 1.0)
         check_range("max_fraction", self.max_fraction, 0.0, 1.0, lo_open=True)
         check_range("dense_below", self.dense_below, 0, 1 << 40)
-        if self.head_p is not None:
-            if len(self.head_p) == 0:
-                raise BadInput("head_p is empty", "give one p per query head, or omit head_p")
-            for i, x in enumerate(self.head_p):
-                check_range(f"head_p[{i}]", x, 0.0, 1.0, lo_open=True)
+        check_head_list("head_p", self.head_p, "p")
 
 
 def head_masses(p: BlockTopPParams, hq: int, device: torch.device) -> torch.Tensor:
     """Per-query-head p [Hq] float64 (``head_p`` or ``p`` repeated)."""
-    if p.head_p is None:
-        return torch.full((hq,), float(p.p), dtype=torch.float64, device=device)
-    if len(p.head_p) != hq:
-        raise BadInput(f"head_p has {len(p.head_p)} entries but the site has {hq} query heads",
-                       "give one p per query head")
-    return torch.tensor(p.head_p, dtype=torch.float64, device=device)
+    return per_head_values("head_p", p.head_p, p.p, hq, device, "p")
 
 
 def sample_rows(nq: int, block_size: int, stride: int, causal: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
