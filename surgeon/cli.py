@@ -222,8 +222,9 @@ def rewrite(model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
                                                   "at, e.g. 2048,8192 (default: the profile's length and the "
                                                   "model's maximum)"),
             families: Optional[str] = typer.Option(None, "--families", help="planner families to search, comma-"
-                                                   "separated (default: surgeon,hylra,block_topk,token_topk,"
-                                                   "window_sink)"),
+                                                   "separated (default: surgeon,block_topp,token_topk,"
+                                                   "head_hybrid,window_sink; also hylra, block_topk, "
+                                                   "token_topp, vertical_slash)"),
             budget: Optional[float] = typer.Option(None, "--budget",
                                                    help="expert mode: fraction of dense attention compute kept, in "
                                                         "(0, 1], no quality guarantee"),
