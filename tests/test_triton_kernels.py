@@ -304,7 +304,11 @@ def test_block_sparse_variants_dispatch_to_the_triton_kernel():
     inputs — here the interpreter stands in for the GPU — and equals the reference."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    # One thread and a fixed hash seed: these random inputs hold near-tied block scores, and
+    # last-bit differences in the pooled scores (thread count, import order under a random hash
+    # seed — seen at 00e21c6 already) can flip one selected block, a 1e-4 output difference that
+    # says nothing about the kernel.
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", _DISPATCH_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
