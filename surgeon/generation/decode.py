@@ -17,6 +17,8 @@ A site picks its mode in the policy: ``SiteChoice.decode = {"mode": NAME, "param
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
@@ -41,14 +43,15 @@ def dense_over_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Opti
     return torch.where(row_ok, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
-class DecodeMode:
+class DecodeMode(abc.ABC):
     """Base class: ``name`` and ``run(plan, q, k, v, kp)``."""
 
     name: ClassVar[str] = ""
 
+    @abc.abstractmethod
     def run(self, plan: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            kp: Optional[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+            kp: Optional[torch.Tensor]) -> torch.Tensor:
+        """One decode step's attention: q [B, Hq, 1, D] against the cache k/v [B, Hkv, Nk, D]."""
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.name}
