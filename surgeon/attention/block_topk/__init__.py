@@ -134,11 +134,19 @@ class BlockTopK(Variant):
         self._record(q, k, ctx, p, sel)
         return out, sel
 
+    def _density(self, q, k, ctx: AttnContext, p: BlockTopKParams, sel: torch.Tensor) -> float:
+        counts = block_pair_counts(q.shape[2], k.shape[2], p.block_size, p.block_size, ctx.causal,
+                                   ctx.key_padding, q.device)
+        return block_mask_density(sel, counts)
+
+    def _requested(self, p: BlockTopKParams, achieved: float) -> float:
+        """The density recorded as requested (block_topp: whatever the mass needed)."""
+        return self.requested_density(p)
+
     def _record(self, q, k, ctx: AttnContext, p: BlockTopKParams, sel: torch.Tensor) -> None:
         if recorder_active():
-            counts = block_pair_counts(q.shape[2], k.shape[2], p.block_size, p.block_size, ctx.causal,
-                                       ctx.key_padding, q.device)
-            record_density(ctx.site, self.name, self.requested_density(p), block_mask_density(sel, counts))
+            d = self._density(q, k, ctx, p, sel)
+            record_density(ctx.site, self.name, self._requested(p, d), d)
 
     def fast_paths(self):
         return {"gather": self._gather}
@@ -157,9 +165,7 @@ class BlockTopK(Variant):
     def achieved_density(self, q, k, v, ctx: AttnContext, p: BlockTopKParams, block_mask=None) -> float:
         if ctx.attn_mask is not None:
             return super().achieved_density(q, k, v, ctx, p, block_mask)
-        counts = block_pair_counts(q.shape[2], k.shape[2], p.block_size, p.block_size, ctx.causal,
-                                   ctx.key_padding, q.device)
-        return block_mask_density(self.select(q, k, ctx, p), counts)
+        return self._density(q, k, ctx, p, self.select(q, k, ctx, p))
 
     # -- test-matrix hooks ------------------------------------------------------------
     def degenerate_params(self, n: int) -> BlockTopKParams:

@@ -49,30 +49,17 @@ from typing import Optional
 
 import torch
 
-from surgeon.errors import BadInput
-from surgeon.kernels.dispatch import block_sparse_attention
+from surgeon.attention.block_topk import BlockTopK
 from surgeon.kernels.geometry import (
     block_geometry,
-    block_mask_density,
     block_pair_counts,
     num_blocks,
     query_validity,
     real_blocks,
     select_top,
     sink_local_blocks,
-    upsample_block_mask,
 )
-from surgeon.attention.base import (
-    AttnContext,
-    Variant,
-    VariantParams,
-    attention_from_keep,
-    check_head_list,
-    check_range,
-    per_head_values,
-    record_density,
-    recorder_active,
-)
+from surgeon.attention.base import AttnContext, VariantParams, check_head_list, check_range, per_head_values
 
 NEG_INF = float("-inf")
 # Upper bound on the score elements one estimator chunk holds (16 MiB in fp32).
@@ -237,7 +224,10 @@ def topp_block_mask(q: torch.Tensor, k: torch.Tensor, ctx: AttnContext, p: Block
     return select_top(mass, geo.allowed, forced, has_real, kept)
 
 
-class BlockTopP(Variant):
+class BlockTopP(BlockTopK):
+    """block_topk's machinery (reference, gather fast path, density accounting) with the
+    selection by estimated mass (:func:`topp_block_mask`): only the selection differs."""
+
     name = "block_topp"
     lowering_module = "surgeon.attention.block_topp.lowering"
     Params = BlockTopPParams
@@ -250,48 +240,12 @@ class BlockTopP(Variant):
         """Selected blocks, bool [B, Hq, nqb, nkb]."""
         return topp_block_mask(q, k, ctx, p, head_masses(p, q.shape[1], q.device))
 
-    def reference(self, q, k, v, ctx: AttnContext, p: BlockTopPParams, block_mask=None):
-        sel = self.select(q, k, ctx, p)
-        keep = upsample_block_mask(sel, q.shape[2], k.shape[2], p.block_size, p.block_size)
-        out = attention_from_keep(q, k, v, ctx, keep)
-        self._record(q, k, ctx, p, sel)
-        return out, sel
-
-    def _gather(self, q, k, v, ctx: AttnContext, p: BlockTopPParams, block_mask=None):
-        sel = self.select(q, k, ctx, p)
-        out = block_sparse_attention(q, k, v, sel, q_block=p.block_size, k_block=p.block_size,
-                                     causal=ctx.causal, scale=ctx.scale, key_padding=ctx.key_padding)
-        self._record(q, k, ctx, p, sel)
-        return out, sel
-
-    def _density(self, q, k, ctx: AttnContext, p: BlockTopPParams, sel: torch.Tensor) -> float:
-        counts = block_pair_counts(q.shape[2], k.shape[2], p.block_size, p.block_size, ctx.causal,
-                                   ctx.key_padding, q.device)
-        return block_mask_density(sel, counts)
-
-    def _record(self, q, k, ctx: AttnContext, p: BlockTopPParams, sel: torch.Tensor) -> None:
-        if recorder_active():
-            d = self._density(q, k, ctx, p, sel)
-            # adaptive: the budget is whatever the mass needed, so requested = achieved
-            record_density(ctx.site, self.name, d, d)
-
-    def fast_paths(self):
-        return {"gather": self._gather}
-
-    def fast_available(self, name: str, q, ctx: AttnContext, p: VariantParams) -> bool:
-        return not ctx.modulated and ctx.attn_mask is None
-
-    def keep_mask(self, q, k, v, ctx: AttnContext, p: BlockTopPParams, block_mask=None) -> torch.Tensor:
-        return upsample_block_mask(self.select(q, k, ctx, p), q.shape[2], k.shape[2], p.block_size, p.block_size)
+    def _requested(self, p: BlockTopPParams, achieved: float) -> float:
+        return achieved  # adaptive: the budget is whatever the mass needed, so requested = achieved
 
     def requested_density(self, p: BlockTopPParams) -> float:
         # no fixed budget: the density follows the input (recorded per call)
         return 1.0
-
-    def achieved_density(self, q, k, v, ctx: AttnContext, p: BlockTopPParams, block_mask=None) -> float:
-        if ctx.attn_mask is not None:
-            return super().achieved_density(q, k, v, ctx, p, block_mask)
-        return self._density(q, k, ctx, p, self.select(q, k, ctx, p))
 
     def kernel_density(self, q, k, v, ctx: AttnContext, p: BlockTopPParams, block_mask=None) -> float:
         """Score work of the CPU gather kernel as it runs, per dense pair: every (batch, head) of
