@@ -239,7 +239,7 @@ def test_token_reuse_validation():
     validate_decode_plans({"a": sel, "c": reuse})
     with pytest.raises(BadInput, match="runs after it"):
         validate_decode_plans({"c": reuse, "a": sel})
-    with pytest.raises(BadInput, match="does not run token_select"):
+    with pytest.raises(BadInput, match="does not select tokens for all heads"):
         validate_decode_plans({"a": SimpleNamespace(decode=DenseDecode()), "c": reuse})
     with pytest.raises(BadInput, match="not a site"):
         validate_decode_plans({"b": sel, "c": reuse})

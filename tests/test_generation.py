@@ -273,13 +273,76 @@ def test_token_select_decode_degenerate_generates_dense_tokens(smollm2, smollm2_
     assert res.token_ids == ref
     stats = res.extra["decode"]
     assert sorted(stats) == [f"model.layers.{i}.self_attn" for i in range(2, 10)]
-    assert all(s["kept_fraction"] == 1.0 and s["selected"] >= 1 for s in stats.values())
+    # a selection that would keep every token runs dense attention outright (counted as dense steps)
+    assert all(s["kept_fraction"] == 1.0 and s["dense"] >= 1 and s["selected"] == 0 for s in stats.values())
     pol = _token_select_policy(smollm2, smollm2_cap, {"n_init": 4, "n_local": 8, "top_k": 8192}, reuse=True)
     res = surgeon.generate(smollm2, PROMPTS[1], policy=pol, max_new_tokens=24)
     assert res.token_ids == ref
     stats = res.extra["decode"]
-    assert stats["model.layers.2.self_attn"]["selected"] >= 1 and stats["model.layers.5.self_attn"]["selected"] == 0
+    assert stats["model.layers.2.self_attn"]["dense"] >= 1 and stats["model.layers.5.self_attn"]["selected"] == 0
     assert all(s["kept_fraction"] == 1.0 for s in stats.values())
+
+
+def _page_policy(lm, cap, page: dict, delta: dict):
+    """Quest page_select decode on layers 2-9, DELTA on 10-15 (10 plans, 11-15 reuse its pages)."""
+    from surgeon.passes.policy import policy_from_recipe
+
+    rec = {"model.layers.*": {"variant": "dense"},
+           "model.layers.[2-9].self_attn": {"variant": "dense", "decode": {"mode": "page_select", "params": page}},
+           "model.layers.10.self_attn": {"variant": "dense", "decode": {"mode": "delta_plan", "params": delta}},
+           "model.layers.1[1-5].self_attn": {"variant": "dense", "decode": {
+               "mode": "token_reuse", "params": {"anchor": "model.layers.10.self_attn"}}}}
+    return policy_from_recipe(rec, lm.fingerprint(), [s.name for s in cap.sites])
+
+
+def test_page_decode_modes_degenerate_generate_dense_tokens(smollm2, smollm2_cap):
+    """Quest and DELTA with budgets above the cache generate exactly transformers' greedy tokens."""
+    import surgeon
+
+    pol = _page_policy(smollm2, smollm2_cap, {"page_size": 16, "top_pages": 4096}, {"top_pages": 4096})
+    _, ref = _hf_greedy(smollm2, PROMPTS[1], 24)
+    res = surgeon.generate(smollm2, PROMPTS[1], policy=pol, max_new_tokens=24)
+    assert res.token_ids == ref
+    stats = res.extra["decode"]
+    assert all(s["kept_fraction"] == 1.0 for s in stats.values()) and len(stats) == 14
+    assert stats["model.layers.3.self_attn"]["dense"] >= 1 and stats["model.layers.10.self_attn"]["selected"] >= 1
+
+
+def test_page_decode_modes_in_model_fast_equals_reference(smollm2, smollm2_cap):
+    """A sparse Quest / DELTA decode step inside SmolLM2: fast paths == references, a small part of
+    the cache kept, and the logits differ from dense decode."""
+    from transformers import DynamicCache
+
+    from surgeon.attention.base import use_impl
+    from surgeon.generation.hf import apply, decode_stats, remove
+
+    pol = _page_policy(smollm2, smollm2_cap, {"page_size": 8, "top_pages": 2}, {"page_size": 8, "top_pages": 3,
+                                                                                   "recent_pages": 1})
+    hf = smollm2.module.hf
+    ids = torch.tensor([smollm2.tokenizer(PROMPTS[2])["input_ids"]])
+    n = ids.shape[1]
+    tok = torch.tensor([[42]])
+    am2 = torch.ones(1, n + 1, dtype=torch.long)
+    try:
+        apply(hf, pol, verify=False)
+        with torch.no_grad():
+            cache = DynamicCache(config=hf.config)
+            hf(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
+            with use_impl("reference"):
+                a = hf(input_ids=tok, attention_mask=am2, cache=cache, use_cache=True).logits[0, -1]
+            cache.crop(-1)
+            b = hf(input_ids=tok, attention_mask=am2, cache=cache, use_cache=True).logits[0, -1]
+            stats = decode_stats(hf)
+            cache.crop(-1)
+            remove(hf)
+            dense = hf(input_ids=tok, attention_mask=am2, cache=cache, use_cache=True).logits[0, -1]
+    finally:
+        remove(hf)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+    assert n + 1 > 8 * 8  # enough pages for a real selection
+    assert all(s["kept_fraction"] < 0.6 for name, s in stats.items() if not name.endswith(".10.self_attn"))
+    assert stats["model.layers.10.self_attn"]["kept_fraction"] == 1.0  # the Δ-layer itself is dense
+    assert float((b - dense).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("reuse", [False, True])

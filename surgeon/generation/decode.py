@@ -9,8 +9,14 @@ query sits at the last position) and the key padding [B, Nk] bool (None: none) a
 * ``token_select``: TokenSelect's per-head soft-vote token selection over the cache, its
   selection reused across consecutive steps while the queries stay similar
   (:class:`TokenSelectDecode`).
-* ``token_reuse``: HyLRA-style cross-layer reuse — the positions an earlier ``token_select``
-  site kept at this step (:class:`TokenReuseDecode`).
+* ``token_reuse``: HyLRA-style cross-layer reuse — the positions an earlier selecting site
+  (``token_select`` or ``delta_plan``) kept at this step (:class:`TokenReuseDecode`); DELTA's
+  "sparse layers" are ``token_reuse`` sites anchored at the most recent ``delta_plan`` site.
+* ``page_select``: Quest — per-page key min/max bounds, the top pages per KV head
+  (:class:`surgeon.generation.decode_pages.PageSelectDecode`).
+* ``delta_plan``: DELTA's Δ-layer — exact dense attention plus a page selection from its own
+  probabilities, shared by all heads, for later ``token_reuse`` sites
+  (:class:`surgeon.generation.decode_pages.DeltaPlanDecode`).
 
 A site picks its mode in the policy: ``SiteChoice.decode = {"mode": NAME, "params": {...}}``
 (recipes: a ``decode:`` entry beside ``variant:``); no ``decode`` means ``dense``.
@@ -44,9 +50,15 @@ def dense_over_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Opti
 
 
 class DecodeMode(abc.ABC):
-    """Base class: ``name`` and ``run(plan, q, k, v, kp)``."""
+    """Base class: ``name`` and ``run(plan, q, k, v, kp)``.
+
+    ``shares_selection``: the mode leaves, per step, ``keep`` [B, Nk] (one position set for all
+    heads) and ``n`` (the cache length it was made for) in its per-site state, so that later
+    ``token_reuse`` sites can attend to exactly those positions.
+    """
 
     name: ClassVar[str] = ""
+    shares_selection: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(self, plan: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -65,7 +77,23 @@ class DenseDecode(DecodeMode):
         return dense_over_cache(q, k, v, kp, float(plan.site.scale))
 
 
-DECODE_MODES: dict[str, type] = {"dense": DenseDecode}
+# name → "module:Class": the registry resolves a mode when a spec names it (no registration by
+# import side effect; the modules below import this one, never the reverse).
+DECODE_MODES: dict[str, str] = {
+    "dense": "surgeon.generation.decode:DenseDecode",
+    "token_select": "surgeon.generation.decode:TokenSelectDecode",
+    "token_reuse": "surgeon.generation.decode:TokenReuseDecode",
+    "page_select": "surgeon.generation.decode_pages:PageSelectDecode",
+    "delta_plan": "surgeon.generation.decode_pages:DeltaPlanDecode",
+}
+
+
+def decode_mode_class(name: str) -> type:
+    """The class a registered decode mode name stands for."""
+    import importlib
+
+    module, cls = DECODE_MODES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def decode_mode_for(choice: Any, site: Any) -> DecodeMode:
@@ -82,8 +110,22 @@ def mode_from_spec(spec: Any, site: Any) -> DecodeMode:
     if mode not in DECODE_MODES:
         raise BadInput(f"site {getattr(site, 'name', site)}: unknown decode mode '{mode}'",
                        f"valid decode modes: {', '.join(sorted(DECODE_MODES))}")
-    cls = DECODE_MODES[mode]
-    return cls.from_params(params, site) if hasattr(cls, "from_params") else cls()
+    cls = decode_mode_class(mode)
+    if not hasattr(cls, "from_params"):
+        if params:
+            raise BadInput(f"site {getattr(site, 'name', site)}: decode mode '{mode}' takes no parameters "
+                           f"(got {sorted(params)})", f"remove the params of the {mode} decode entry")
+        return cls()
+    return cls.from_params(params, site)
+
+
+def check_params(cls: type, mode: str, params: dict[str, Any], site: Any) -> None:
+    """Unknown parameter names of a dataclass-typed decode mode → one-line BadInput."""
+    names = set(cls.__dataclass_fields__)
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise BadInput(f"site {getattr(site, 'name', site)}: unknown {mode} parameter(s) {unknown}",
+                       f"valid parameters: {sorted(names)}")
 
 
 # --------------------------------------------------------------------------- TokenSelect
@@ -258,23 +300,27 @@ class TokenSelectDecode(DecodeMode):
     """
 
     name: ClassVar[str] = "token_select"
+    shares_selection: ClassVar[bool] = True
     params: TokenSelectParams = TokenSelectParams()
 
     @classmethod
     def from_params(cls, params: dict[str, Any], site: Any) -> "TokenSelectDecode":
-        names = set(TokenSelectParams.__dataclass_fields__)
-        unknown = sorted(set(params) - names)
-        if unknown:
-            raise BadInput(f"site {getattr(site, 'name', site)}: unknown token_select parameter(s) {unknown}",
-                           f"valid parameters: {sorted(names)}")
+        check_params(TokenSelectParams, "token_select", params, site)
         return cls(params=TokenSelectParams(**params))
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.name, "params": self.params.to_dict()}
 
+    def keeps_everything(self, nk: int) -> bool:
+        """Whether a selection over a cache of ``nk`` tokens keeps all of them (the candidates
+        between the init tokens and the local window are no more than the voted budget)."""
+        p = self.params
+        kcnt = int(math.ceil(nk * p.keep - 1e-9)) if p.keep > 0 else int(p.top_k)
+        return (nk - 1 - p.n_local) - p.n_init <= kcnt
+
     def _reusable(self, state: dict[str, Any], fp: torch.Tensor, b: int, nk: int) -> bool:
         n = state.get("n")
-        if n is None or state["fp"].shape[0] != b or n >= nk or self.params.reuse_threshold > 1.0:
+        if n is None or "fp" not in state or state["fp"].shape[0] != b or n >= nk or self.params.reuse_threshold > 1.0:
             return False
         return bool((F.cosine_similarity(fp, state["fp"], dim=-1) >= self.params.reuse_threshold).all())
 
@@ -283,7 +329,16 @@ class TokenSelectDecode(DecodeMode):
         """One decode step; updates ``state`` (fingerprint, selection, gathered K/V, counters)."""
         b, nk = q.shape[0], k.shape[2]
         fp = q[:, :, -1, :].reshape(b, -1).float()
-        state["visible"] = state.get("visible", 0) + (b * nk if kp is None else int(kp.sum()))
+        visible = b * nk if kp is None else int(kp.sum())
+        state["visible"] = state.get("visible", 0) + visible
+        if fast and self.keeps_everything(nk):
+            # degenerate: every cache token is kept, so this step IS dense attention over the cache
+            # (no selection work, no gather; a short context never pays for selecting)
+            keep = torch.ones(b, nk, dtype=torch.bool, device=q.device) if kp is None else kp.to(torch.bool)
+            for key in ("kg", "vg", "valid", "fp"):
+                state.pop(key, None)
+            state.update(keep=keep, n=nk, kept=state.get("kept", 0) + visible, dense=state.get("dense", 0) + 1)
+            return dense_over_cache(q, k, v, kp, scale)
         reuse = self._reusable(state, fp, b, nk)
         new = idx = None
         n_old = state.get("n")
@@ -328,8 +383,6 @@ class TokenSelectDecode(DecodeMode):
         return self.step(state, q, k, v, kp, float(plan.site.scale), fast=current_impl() != "reference")
 
 
-DECODE_MODES["token_select"] = TokenSelectDecode
-
 
 @dataclass
 class TokenReuseDecode(DecodeMode):
@@ -350,7 +403,7 @@ class TokenReuseDecode(DecodeMode):
         anchor = params.get("anchor")
         if not isinstance(anchor, str) or not anchor:
             raise BadInput(f"site {where}: token_reuse needs an anchor site",
-                           "set params: {anchor: <an earlier site whose decode mode is token_select>}")
+                           "set params: {anchor: <an earlier site whose decode mode is token_select or delta_plan>}")
         return cls(anchor=anchor)
 
     def describe(self) -> dict[str, Any]:
@@ -363,7 +416,7 @@ class TokenReuseDecode(DecodeMode):
         st = plan.state.decode_state.get(self.anchor)
         if st is None or st.get("n") != nk or st["keep"].shape[0] != q.shape[0]:
             raise BadInput(f"{plan.site.name} reuses the decode selection of {self.anchor}, which did not run this step",
-                           "give token_reuse an earlier site whose decode mode is token_select")
+                           "give token_reuse an earlier site whose decode mode is token_select or delta_plan")
         keep = st["keep"]
         mine = plan.state.decode_state.setdefault(plan.site.name, {})
         mine["visible"] = mine.get("visible", 0) + (q.shape[0] * nk if kp is None else int(kp.sum()))
@@ -385,8 +438,6 @@ class TokenReuseDecode(DecodeMode):
         return attend_gathered(q, gather_positions(k, pos), gather_positions(v, pos), st["pos_valid"], scale)
 
 
-DECODE_MODES["token_reuse"] = TokenReuseDecode
-
 
 def validate_decode_plans(plans: dict[str, Any]) -> None:
     """Cross-site checks: a ``token_reuse`` site's anchor is an earlier ``token_select`` site."""
@@ -397,10 +448,10 @@ def validate_decode_plans(plans: dict[str, Any]) -> None:
             a = mode.anchor
             if a not in plans:
                 raise BadInput(f"site {name}: token_reuse anchor {a} is not a site of this model",
-                               "name an earlier site whose decode mode is token_select")
+                               "name an earlier site whose decode mode is token_select or delta_plan")
             if order[a] >= order[name]:
                 raise BadInput(f"site {name} reuses the decode selection of {a}, which runs after it",
                                "choose an earlier anchor site")
-            if not isinstance(plans[a].decode, TokenSelectDecode):
-                raise BadInput(f"site {name}: token_reuse anchor {a} does not run token_select during decode",
-                               f"give {a} decode: {{mode: token_select}}")
+            if not getattr(plans[a].decode, "shares_selection", False):
+                raise BadInput(f"site {name}: token_reuse anchor {a} does not select tokens for all heads during "
+                               "decode", f"give {a} decode: {{mode: token_select}} or {{mode: delta_plan}}")

@@ -321,14 +321,15 @@ def installed_policy(model: Any):
 
 
 def decode_stats(model: Any) -> dict[str, dict[str, Any]]:
-    """Per site with a stateful decode mode: fresh selections, reused selections and the kept
-    fraction of visible cache tokens over the decode steps since the last prefill."""
+    """Per site with a stateful decode mode: fresh selections, reused selections, steps run densely
+    because the selection would keep every token (``dense``) and the kept fraction of visible
+    cache tokens over the decode steps since the last prefill."""
     state = getattr(_hf_of(model), "_surgeon_state", None)
     if state is None:
         return {}
     out = {}
     for name, st in state.decode_state.items():
         vis = st.get("visible", 0)
-        out[name] = {"selected": st.get("selected", 0), "reused": st.get("reused", 0),
+        out[name] = {"selected": st.get("selected", 0), "reused": st.get("reused", 0), "dense": st.get("dense", 0),
                      "kept_fraction": (st.get("kept", 0) / vis) if vis else None}
     return out

@@ -19,7 +19,7 @@ class Modulator(BaseModel):
 
 class DecodeSpec(BaseModel):
     """A site's decode mode (what each generation step runs against the KV cache): ``mode`` is a
-    name in :data:`surgeon.generation.decode.DECODE_MODES` (``dense``, ``token_select``)."""
+    name in :data:`surgeon.generation.decode.DECODE_MODES` (``dense``, ``token_select``, ``token_reuse``, ``page_select``, ``delta_plan``)."""
 
     model_config = ConfigDict(extra="forbid")
     mode: str = "dense"
